@@ -1,0 +1,100 @@
+"""Image sources for both training stages, behind one contract the trainers rely on.
+
+Every dataset is map-style. `ds[key]` takes an int index or an (index, seed) pair, where the seed alone
+decides the item's randomness (no global RNG), and returns a dict:
+    image    float32 (3, R, R) in [-1, 1]
+    index    int, the index actually returned (a later one if unreadable files were skipped)
+    skipped  int, how many unreadable files were skipped to produce this item
+    caption  str, for captioned sources (COCO, tar shards with .txt, captioned Shapes splits)
+    color, shape, size, row, col   int labels, Shapes world only
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from datasets.coco import CocoCaptions
+from datasets.folder import ImageFolder
+from datasets.robust import CorruptImageWarning, DataError, RobustImageDataset
+from datasets.shapes import ShapesDataset
+from datasets.tarshards import TarShards
+from datasets.transforms import EvalTransform, TrainTransform, unpack_key
+
+__all__ = [
+    "CocoCaptions", "CorruptImageWarning", "DataError", "EvalTransform", "ImageFolder", "ShapesDataset",
+    "TarShards", "TrainTransform", "add_data_args", "build_datasets", "holdout_split", "unpack_key",
+]
+
+DATASET_KINDS = ["shapes", "folder", "coco", "tar"]
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", choices=DATASET_KINDS, default="shapes",
+                       help="image source; shapes needs no files")
+    group.add_argument("--data-path", help="folder: image root; coco: image folder; tar: shard directory, "
+                                           "glob or brace pattern such as shards-{000000..000009}.tar")
+    group.add_argument("--val-data-path", help="validation images, same kind as --data-path; if absent, "
+                                               "--val-fraction of the training items is held out")
+    group.add_argument("--val-fraction", type=float, default=0.01,
+                       help="share of training items held out for validation when no validation set is given")
+    group.add_argument("--coco-annotations", help="captions_*.json for the --data-path images")
+    group.add_argument("--val-coco-annotations", help="captions_*.json for the validation images "
+                                                      "(found in --val-data-path, else --data-path)")
+    group.add_argument("--shapes-train-size", type=int, default=50_000, help="items per Shapes training epoch")
+    group.add_argument("--shapes-val-size", type=int, default=1_000, help="Shapes validation items")
+
+
+def holdout_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices) of n items: max(1, round(n * fraction)) items spread evenly over the
+    index range go to val, the same ones on every run, so val never leaks into training after a resume."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    if n < 2:
+        raise DataError(f"cannot hold out validation items from {n} item(s); add images or pass --val-data-path")
+    n_val = min(n - 1, max(1, round(n * fraction)))
+    # Evenly spread rather than the last n_val: sorted file lists group similar images (one class per folder).
+    val = np.unique(((np.arange(n_val) + 0.5) * n / n_val).astype(np.int64))
+    train = np.setdiff1d(np.arange(n, dtype=np.int64), val)
+    return train, val
+
+
+def _require(args: argparse.Namespace, *flags: str) -> None:
+    for flag in flags:
+        if not getattr(args, flag.lstrip("-").replace("-", "_")):
+            raise DataError(f"--dataset {args.dataset} needs {flag}")
+
+
+def _split(full: RobustImageDataset, args: argparse.Namespace, resolution: int):
+    train_idx, val_idx = holdout_split(len(full), args.val_fraction)
+    return full.subset(train_idx, TrainTransform(resolution)), full.subset(val_idx, EvalTransform(resolution))
+
+
+def build_datasets(args: argparse.Namespace, resolution: int):
+    """(train dataset with random crops, val dataset with centre crops) for the flags of add_data_args."""
+    train_tf, eval_tf = TrainTransform(resolution), EvalTransform(resolution)
+    if args.dataset == "shapes":
+        # Unlabeled splits: captions never reach the VQGAN or the GPT.
+        return (ShapesDataset("unlabeled-train", args.shapes_train_size, resolution, captioned=False),
+                ShapesDataset("unlabeled-val", args.shapes_val_size, resolution, captioned=False))
+    if args.dataset == "folder":
+        _require(args, "--data-path")
+        full = ImageFolder(args.data_path, train_tf)
+        if args.val_data_path:
+            return full, ImageFolder(args.val_data_path, eval_tf)
+        return _split(full, args, resolution)
+    if args.dataset == "coco":
+        _require(args, "--data-path", "--coco-annotations")
+        full = CocoCaptions(args.data_path, args.coco_annotations, train_tf)
+        if args.val_coco_annotations:
+            return full, CocoCaptions(args.val_data_path or args.data_path, args.val_coco_annotations, eval_tf)
+        return _split(full, args, resolution)
+    if args.dataset == "tar":
+        _require(args, "--data-path")
+        full = TarShards(args.data_path, train_tf)
+        if args.val_data_path:
+            return full, TarShards(args.val_data_path, eval_tf)
+        return _split(full, args, resolution)
+    raise DataError(f"unknown --dataset {args.dataset!r}; choose from {DATASET_KINDS}")

@@ -1,0 +1,1 @@
+"""What every trainer shares: distributed set-up, checkpoints and resume, signals, sampling of data, logs."""

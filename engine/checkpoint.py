@@ -1,0 +1,110 @@
+"""Checkpoints that are safe to write and exact to resume from.
+
+Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the target: a
+crash or a full disk leaves the previous checkpoint in place, never a half-written one. Loads use
+weights_only=True: a checkpoint is data, never code.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint a user pointed at cannot be used; the message is one line that says what to do."""
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(x):
+    # random.setstate wants tuples; a round trip through the checkpoint may give lists.
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class CheckpointManager:
+    """latest.pt after every save, best.pt when the tracked metric improves, step_NNNNNNN.pt every
+    `keep_every` steps (the `keep_last` newest of them are kept)."""
+
+    def __init__(self, out_dir: str | os.PathLike, keep_last: int = 3):
+        self.dir = Path(out_dir)
+        self.keep_last = keep_last
+
+    @property
+    def latest(self) -> Path:
+        return self.dir / "latest.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.dir / "best.pt"
+
+    def save(self, state: dict, step: int, periodic: bool = False, best: bool = False) -> None:
+        atomic_save(state, self.latest)
+        if best:
+            atomic_save(state, self.best)
+        if periodic:
+            atomic_save(state, self.dir / f"step_{step:07d}.pt")
+            self._prune()
+
+    def _prune(self) -> None:
+        olds = sorted(p for p in self.dir.glob("step_*.pt") if re.fullmatch(r"step_\d+\.pt", p.name))
+        for p in olds[: max(0, len(olds) - self.keep_last)]:
+            p.unlink(missing_ok=True)
+
+    def resolve(self, resume: str | None) -> Path | None:
+        """--resume auto: latest.pt in the output folder if there is one; else the given path."""
+        if not resume:
+            return None
+        if resume == "auto":
+            return self.latest if self.latest.is_file() else None
+        return Path(resume)

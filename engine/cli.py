@@ -1,0 +1,29 @@
+"""Entry-point glue: user errors end in one line and a non-zero exit; bugs keep their traceback."""
+from __future__ import annotations
+
+import sys
+
+from engine.checkpoint import CheckpointError
+
+
+def user_errors() -> tuple:
+    """Exception types that mean 'the user asked for something that cannot be done', not a bug."""
+    from datasets import DataError
+    from models.losses import MissingWeightsError
+
+    return (CheckpointError, DataError, MissingWeightsError, UsageError)
+
+
+class UsageError(ValueError):
+    """A flag combination that cannot work."""
+
+
+def run(main, args) -> None:
+    try:
+        main(args)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""Model code: one file per concept (vqgan, quantizer, discriminator, losses, convert)."""

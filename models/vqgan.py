@@ -1,0 +1,244 @@
+"""VQGAN of the taming-transformers family: encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder.
+
+Module names follow taming-transformers exactly (``encoder.down.0.block.0.norm1``, ``mid.attn_1``,
+``quantize.embedding`` ...), so a taming checkpoint loads as it is and a CLIP-GEN one after renaming
+(see ``models/convert.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.quantizer import VectorQuantizer
+
+
+@dataclass(frozen=True)
+class VQGANConfig:
+    resolution: int = 64            # training image side; the grid is resolution / 2**(len(ch_mult)-1)
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 64                    # base width; level i has ch * ch_mult[i] channels
+    ch_mult: tuple = (1, 2, 2, 4)
+    num_res_blocks: int = 2         # encoder blocks per level (the decoder has one more)
+    attn_resolutions: tuple = (8,)  # feature-map sides at which a self-attention block follows each block
+    z_channels: int = 64            # encoder output width, before quant_conv
+    embed_dim: int = 32             # code vector width
+    n_codes: int = 1024
+    dropout: float = 0.0
+    norm_eps: float = 1e-6          # GroupNorm eps (taming: 1e-6)
+    beta: float = 0.25              # commitment weight
+    l2_codes: bool = True           # l2-normalised code lookup
+    restart_threshold: float = 0.0  # re-seed codes whose running count per batch falls below this
+
+    @property
+    def grid_size(self) -> int:
+        return self.resolution // 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VQGANConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        return cls(**d)
+
+
+PRESETS: dict[str, VQGANConfig] = {
+    # 64x64 Shapes-world images -> 8x8 tokens; small enough to train on a laptop CPU.
+    "shapes": VQGANConfig(resolution=64, ch=16, ch_mult=(1, 2, 4, 8), num_res_blocks=1,
+                          attn_resolutions=(8,), z_channels=64, embed_dim=16, n_codes=512,
+                          l2_codes=True, restart_threshold=0.05),
+    # The CLIP-GEN / taming ImageNet size: 256x256 -> 16x16 tokens, 16384 codes.
+    "f16-16384": VQGANConfig(resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                             attn_resolutions=(16,), z_channels=256, embed_dim=32, n_codes=16384,
+                             l2_codes=True, restart_threshold=0.01),
+}
+
+
+def Normalize(channels: int, eps: float) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=min(32, channels), num_channels=channels, eps=eps, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, dropout: float, eps: float):
+        super().__init__()
+        self.norm1 = Normalize(in_ch, eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = Normalize(out_ch, eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, 1x1-conv projections as in taming."""
+
+    def __init__(self, ch: int, eps: float):
+        super().__init__()
+        self.norm = Normalize(ch, eps)
+        self.q, self.k, self.v = (nn.Conv2d(ch, ch, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        # (B, C, H, W) -> (B, 1, H*W, C): one head, sequence over positions.
+        q, k, v = (t(h).reshape(B, 1, C, H * W).transpose(2, 3) for t in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C), as taming
+        out = out.transpose(2, 3).reshape(B, C, H, W)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad: taming's choice, kept for weights
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid(ch: int, cfg: VQGANConfig) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(ch, ch, cfg.dropout, cfg.norm_eps)
+    mid.attn_1 = AttnBlock(ch, cfg.norm_eps)
+    mid.block_2 = ResnetBlock(ch, ch, cfg.dropout, cfg.norm_eps)
+    return mid
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        eps, n_levels = cfg.norm_eps, len(cfg.ch_mult)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        res, in_mult = cfg.resolution, (1,) + tuple(cfg.ch_mult)
+        self.down = nn.ModuleList()
+        for i in range(n_levels):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            c_in, c_out = cfg.ch * in_mult[i], cfg.ch * cfg.ch_mult[i]
+            for _ in range(cfg.num_res_blocks):
+                level.block.append(ResnetBlock(c_in, c_out, cfg.dropout, eps))
+                c_in = c_out
+                if res in cfg.attn_resolutions:
+                    level.attn.append(AttnBlock(c_out, eps))
+            if i != n_levels - 1:
+                level.downsample = Downsample(c_out)
+                res //= 2
+            self.down.append(level)
+        self.mid = _mid(c_out, cfg)
+        self.norm_out = Normalize(c_out, eps)
+        self.conv_out = nn.Conv2d(c_out, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):  # (B, 3, R, R) -> (B, z_channels, R/f, R/f)
+        h = self.conv_in(x)
+        for level in self.down:
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        eps, n_levels = cfg.norm_eps, len(cfg.ch_mult)
+        c = cfg.ch * cfg.ch_mult[-1]
+        res = cfg.grid_size
+        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.mid = _mid(c, cfg)
+        # Built deepest level first but stored by level index, as taming does (its keys say up.{level}).
+        levels = [None] * n_levels
+        for i in reversed(range(n_levels)):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            c_out = cfg.ch * cfg.ch_mult[i]
+            for _ in range(cfg.num_res_blocks + 1):
+                level.block.append(ResnetBlock(c, c_out, cfg.dropout, eps))
+                c = c_out
+                if res in cfg.attn_resolutions:
+                    level.attn.append(AttnBlock(c, eps))
+            if i != 0:
+                level.upsample = Upsample(c)
+                res *= 2
+            levels[i] = level
+        self.up = nn.ModuleList(levels)
+        self.norm_out = Normalize(c, eps)
+        self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z):  # (B, z_channels, h, w) -> (B, 3, h*f, w*f)
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for level in reversed(self.up):
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VQGAN(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.quantize = VectorQuantizer(cfg.n_codes, cfg.embed_dim, beta=cfg.beta, l2_norm=cfg.l2_codes,
+                                        restart_threshold=cfg.restart_threshold)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, x):
+        """images (B, 3, R, R) in [-1, 1] -> (quantized (B, D, h, w), indices (B, h, w), vq loss, stats)."""
+        return self.quantize(self.quant_conv(self.encoder(x)))
+
+    def decode(self, quant):
+        return self.decoder(self.post_quant_conv(quant))
+
+    def decode_indices(self, indices):
+        """token grid (B, h, w) of code indices -> images (B, 3, R, R) in about [-1, 1]."""
+        return self.decode(self.quantize.embed(indices))
+
+    def forward(self, x):
+        quant, indices, qloss, stats = self.encode(x)
+        return self.decode(quant), indices, qloss, stats
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight the adaptive GAN weight is measured at (taming: the decoder's conv_out)."""
+        return self.decoder.conv_out.weight
+
+
+def build_vqgan(preset: str = "shapes", **overrides) -> VQGAN:
+    return VQGAN(replace(PRESETS[preset], **overrides))
