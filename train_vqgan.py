@@ -177,16 +177,6 @@ def checkpoint_state(raw, disc, ema, opt_g, opt_d, scaler, step, epoch, args, be
     return state
 
 
-def gather_rng(env) -> list:
-    """Every rank's RNG state, so that each rank continues its own stream after a resume."""
-    mine = ckpt.rng_state()
-    if not env.distributed:
-        return [mine]
-    out = [None] * env.world_size
-    dist.all_gather_object(out, mine)
-    return out
-
-
 def main(args) -> None:
     env = D.setup(args.device)
     D.seed_everything(args.seed, env.rank)
@@ -301,7 +291,7 @@ def main(args) -> None:
 
         stopping = D.any_rank(stop.requested, env.device)
         if stopping or is_best or step % args.save_every == 0 or step == args.max_steps:
-            rngs = gather_rng(env)
+            rngs = ckpt.gather_rng_states()
             if env.is_main:
                 periodic = args.keep_every > 0 and step % args.keep_every == 0
                 manager.save(checkpoint_state(raw, disc_raw, ema, opt_g, opt_d, scaler, step,

@@ -6,6 +6,7 @@ weights_only=True: a checkpoint is data, never code.
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 class CheckpointError(ValueError):
@@ -65,6 +67,19 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list:
+    """Every rank's RNG state (on every rank), so each rank continues its own stream after a resume."""
+    mine = rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    # Sent as torch.save bytes: all_gather_object cannot pickle tensors across processes reliably.
+    buf = io.BytesIO()
+    torch.save(mine, buf)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, buf.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in out]
 
 
 def _as_tuples(x):

@@ -1,0 +1,145 @@
+"""VQGAN model: shapes per preset, the encode/decode interface, taming key names, config round trip."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.quantizer import VectorQuantizer
+from models.vqgan import PRESETS, AttnBlock, VQGAN, VQGANConfig
+
+TINY = VQGANConfig(resolution=16, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                   z_channels=8, embed_dim=4, n_codes=32)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return VQGAN(dataclasses.replace(TINY, **kw))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_shapes(preset):
+    """Encoder grid is cfg.grid_size, indices (B, g, g) in [0, n_codes), decoder returns (B, 3, R, R).
+
+    The networks run on the meta device (shapes only, no arithmetic), so the 256x256 preset is instant;
+    the quantizer, which has no meta kernel for bincount, runs for real on a tensor of the right shape.
+    """
+    cfg = PRESETS[preset]
+    B, R, g = 2, cfg.resolution, cfg.grid_size
+    assert g * cfg.downsample_factor == R
+    with torch.device("meta"):
+        model = VQGAN(cfg)
+        h = model.quant_conv(model.encoder(torch.empty(B, 3, R, R)))
+        assert h.shape == (B, cfg.embed_dim, g, g)
+        assert model.decode(torch.empty(B, cfg.embed_dim, g, g)).shape == (B, 3, R, R)
+        assert model.decode_indices(torch.zeros(B, g, g, dtype=torch.long)).shape == (B, 3, R, R)
+    assert model.quantize.embedding.weight.shape == (cfg.n_codes, cfg.embed_dim)
+
+    q = VectorQuantizer(cfg.n_codes, cfg.embed_dim, l2_norm=cfg.l2_codes).eval()
+    z_q, idx, loss, _ = q(torch.randn(B, cfg.embed_dim, g, g))
+    assert z_q.shape == (B, cfg.embed_dim, g, g) and idx.shape == (B, g, g) and loss.dim() == 0
+    assert idx.min() >= 0 and idx.max() < cfg.n_codes
+
+
+def test_shapes_preset_end_to_end_on_cpu():
+    cfg = PRESETS["shapes"]
+    torch.manual_seed(0)
+    model = VQGAN(cfg).eval()
+    x = torch.rand(2, 3, cfg.resolution, cfg.resolution) * 2 - 1
+    with torch.no_grad():
+        quant, idx, qloss, _ = model.encode(x)
+        x_rec, idx2, _, _ = model(x)
+    g = cfg.grid_size
+    assert quant.shape == (2, cfg.embed_dim, g, g)
+    assert idx.shape == (2, g, g) and idx.dtype == torch.long
+    assert 0 <= idx.min() and idx.max() < cfg.n_codes
+    assert x_rec.shape == x.shape and torch.isfinite(x_rec).all() and torch.isfinite(qloss)
+    assert torch.equal(idx, idx2)
+
+
+def test_decode_indices_equals_decode_of_encoded_quant():
+    model = tiny_model().eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        quant, idx, _, _ = model.encode(x)
+        a = model.decode(quant)
+        b = model.decode_indices(idx)
+    assert idx.shape == (2, TINY.grid_size, TINY.grid_size)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_taming_key_names():
+    keys = set(VQGAN(PRESETS["shapes"]).state_dict())
+    for k in ["encoder.conv_in.weight", "encoder.down.0.block.0.norm1.weight", "encoder.down.0.block.0.conv1.weight",
+              "encoder.down.0.downsample.conv.weight", "encoder.down.3.attn.0.q.weight",
+              "encoder.down.1.block.0.nin_shortcut.weight", "encoder.mid.block_1.conv1.weight",
+              "encoder.mid.attn_1.q.weight", "encoder.mid.attn_1.proj_out.weight", "encoder.norm_out.weight",
+              "encoder.conv_out.weight", "decoder.conv_in.weight", "decoder.mid.block_2.norm2.bias",
+              "decoder.up.0.block.0.conv1.weight", "decoder.up.0.block.1.conv2.weight",
+              "decoder.up.3.attn.1.k.weight", "decoder.up.1.upsample.conv.weight", "decoder.conv_out.weight",
+              "quantize.embedding.weight", "quant_conv.weight", "post_quant_conv.weight"]:
+        assert k in keys, k
+    # taming's layout: the lowest level has no downsample (encoder) / upsample (decoder) at the ends.
+    assert not any(k.startswith("encoder.down.3.downsample") for k in keys)
+    assert not any(k.startswith("decoder.up.0.upsample") for k in keys)
+    # The decoder has one more block per level than the encoder.
+    n_blocks = PRESETS["shapes"].num_res_blocks
+    assert f"decoder.up.0.block.{n_blocks}.conv1.weight" in keys
+    assert f"encoder.down.0.block.{n_blocks}.conv1.weight" not in keys
+
+
+def test_last_layer_is_decoder_conv_out():
+    model = tiny_model()
+    assert model.last_layer is model.decoder.conv_out.weight
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_config_dict_round_trip(preset, tmp_path):
+    cfg = dataclasses.replace(PRESETS[preset], restart_threshold=0.123)
+    d = cfg.to_dict()
+    assert isinstance(d["ch_mult"], list) and isinstance(d["attn_resolutions"], list)
+    assert not any(isinstance(v, tuple) for v in d.values())
+    back = VQGANConfig.from_dict(d)
+    assert back == cfg
+    assert isinstance(back.ch_mult, tuple) and back.grid_size == cfg.grid_size
+    # A checkpoint stores the dict; it must load under weights_only=True and rebuild the same config.
+    torch.save({"config": d}, tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)["config"]
+    assert VQGANConfig.from_dict(loaded) == cfg
+    # Unknown keys (from a newer version) are ignored.
+    assert VQGANConfig.from_dict({**d, "not_a_field": 1}) == cfg
+
+
+def test_attn_block_matches_hand_computation():
+    torch.manual_seed(0)
+    C, H, W = 8, 3, 5
+    attn = AttnBlock(C, eps=1e-6)
+    for p in attn.parameters():  # random affine and biases too, so every term matters
+        p.data.normal_(0, 0.5)
+    x = torch.randn(2, C, H, W)
+    h = F.group_norm(x, min(32, C), attn.norm.weight, attn.norm.bias, eps=1e-6)
+    q, k, v = (conv(h).reshape(2, C, H * W) for conv in (attn.q, attn.k, attn.v))  # (B, C, N)
+    w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(C), dim=2)  # (B, N query, N key)
+    out = torch.einsum("bij,bcj->bci", w, v).reshape(2, C, H, W)
+    ref = x + attn.proj_out(out)
+    assert torch.allclose(attn(x), ref, atol=1e-5)
+
+
+def test_gradients_reach_encoder_through_quantizer():
+    model = tiny_model()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    x_rec, _, _, _ = model(x)
+    x_rec.pow(2).mean().backward()  # reconstruction only: the straight-through estimator must carry it
+    for p in (model.encoder.conv_in.weight, model.quant_conv.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert model.quantize.embedding.weight.grad is None  # only the vq loss trains the codebook
+
+
+def test_vq_loss_trains_codebook_and_encoder():
+    model = tiny_model()
+    _, _, qloss, _ = model(torch.rand(2, 3, 16, 16) * 2 - 1)
+    qloss.backward()
+    assert model.quantize.embedding.weight.grad.abs().sum() > 0
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert model.decoder.conv_out.weight.grad is None
