@@ -1,0 +1,313 @@
+"""The stage-2 GPT: p(image tokens | CLIP embedding), a decoder-only transformer as in CLIP-GEN.
+
+The CLIP embedding is projected to `n_prefix` prefix token(s) (CLIP-GEN: one) placed before the image
+tokens; a learned absolute position embedding is added to the whole sequence; pre-norm blocks (LayerNorm ->
+causal self-attention -> residual, LayerNorm -> 4x MLP with exact GELU -> residual); final LayerNorm; a
+Linear head with bias. This is what CLIP-GEN's ``nn.TransformerEncoderLayer(norm_first=True)`` stack
+computes, so its checkpoints load after renaming (``models/convert_gpt.py``).
+
+Training convention: ``logits = gpt(tokens, cond)`` has the shape of ``tokens`` plus a vocabulary axis and
+``logits[:, i]`` predicts ``tokens[:, i]`` from the condition and ``tokens[:, :i]``; the loss is plainly
+``cross_entropy(logits.flatten(0, 1), tokens.flatten())``. Internally the model reads the prefix and
+``tokens[:, :-1]`` (the last token is a target only), exactly CLIP-GEN's "feed L-1, score L".
+
+Classifier-free guidance: a learned null prefix replaces the projected condition in the rows where
+``cond_drop`` is True; the trainer drops conditions at random, the sampler mixes conditional and null logits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 1024          # VQGAN codebook size
+    n_tokens: int = 64              # image tokens per image (VQGAN grid side squared)
+    n_layer: int = 4
+    n_head: int = 8
+    n_embd: int = 256
+    cond_dim: int = 512             # CLIP embedding width
+    n_prefix: int = 1               # prefix tokens the projected condition becomes (CLIP-GEN: 1)
+    dropout: float = 0.0
+    # Positions of the learned position embedding. None: n_prefix + n_tokens - 1, all a full sequence
+    # needs (the last token is never fed). CLIP-GEN files may store more (its small fixture: 17 for 16).
+    block_size: int | None = None
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.block_size is not None and self.block_size < self.min_positions:
+            raise ValueError(f"block_size {self.block_size} < n_prefix + n_tokens - 1 = {self.min_positions}")
+
+    @property
+    def min_positions(self) -> int:
+        return self.n_prefix + self.n_tokens - 1
+
+    @property
+    def n_positions(self) -> int:
+        return self.block_size if self.block_size is not None else self.min_positions
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # ints, floats and None only: safe under torch.load(weights_only=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# vocab_size, n_tokens and cond_dim come from the VQGAN and the CLIP model at build time (build_gpt).
+PRESETS: dict[str, GPTConfig] = {
+    "tiny": GPTConfig(n_layer=4, n_head=8, n_embd=256, dropout=0.1),        # Shapes world, CPU-trainable
+    "small": GPTConfig(n_layer=8, n_head=8, n_embd=512, dropout=0.1),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024, dropout=0.1),  # CLIP-GEN's size
+}
+
+
+def build_gpt(preset: str = "tiny", *, vocab_size: int, n_tokens: int, cond_dim: int, **overrides) -> "GPT":
+    return GPT(replace(PRESETS[preset], vocab_size=vocab_size, n_tokens=n_tokens, cond_dim=cond_dim,
+                       **overrides))
+
+
+# ------------------------------------------------------------------------------------------------ KV cache
+
+class KVCache:
+    """Keys and values of the positions already run, per layer, in buffers allocated once at full length.
+
+    Each layer's K and V are (B, n_head, max_len, head_dim); a forward writes its new positions at
+    ``length`` and attends over ``[:length + T]``, so decoding never concatenates. The buffers are allocated
+    at the first write, in the dtype attention actually computes in (bf16 under autocast, say).
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int):
+        self.shape = (batch_size, n_head, max_len, head_dim)
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0  # positions already stored (a Python int: slicing with it needs no host sync)
+
+    @property
+    def max_len(self) -> int:
+        return self.shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, hd) after the cached positions; return all of them (B, H, length+T, hd)."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(self.shape)
+            self.v[layer] = v.new_empty(self.shape)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        # q, k, v packed as rows [q; k; v] of one Linear: nn.MultiheadAttention's in_proj layout.
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0):  # (B, T, C) -> (B, T, C)
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)   # (B, H, T, hd)
+                   for t in self.qkv(x).split(C, dim=2))
+        start, mask, causal = 0, None, True
+        if kv_cache is not None:
+            start = kv_cache.length
+            k, v = kv_cache.update(layer, k, v)                                  # (B, H, start+T, hd)
+            if start > 0:
+                # SDPA's is_causal aligns the mask top-left, wrong once queries start after cached keys;
+                # one new query may see everything, several need an explicit offset mask.
+                causal = False
+                if T > 1:
+                    pos = torch.arange(start + T, device=x.device)
+                    mask = pos[None, :] <= pos[start:, None]                     # (T, start+T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        # Exact (erf) GELU as nn.TransformerEncoderLayer(activation="gelu"); the tanh form differs ~1e-4.
+        return self.drop(self.proj(self.drop(F.gelu(self.fc(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)  # eps 1e-5, nn.TransformerEncoderLayer's default
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.cond_proj = nn.Linear(cfg.cond_dim, cfg.n_prefix * cfg.n_embd)
+        # The guidance "unconditional" input: learned, in the projected prefix space, so dropping a
+        # condition does not depend on what a zero CLIP vector would mean.
+        self.null_prefix = nn.Parameter(torch.zeros(cfg.n_prefix, cfg.n_embd))
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.n_positions, cfg.n_embd))  # CLIP-GEN's layout
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size)
+        self._init_weights()
+
+    def _init_weights(self):
+        # GPT-2: N(0, 0.02) everywhere, residual output projections scaled down by sqrt(2 * n_layer) so the
+        # residual stream's variance does not grow with depth; zero biases, unit LayerNorms.
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # biases and LayerNorm parameters keep their defaults (0 / 1)
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("proj.weight") \
+                and name.startswith("blocks.") else 0.02
+            nn.init.normal_(p, 0.0, std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    # -------------------------------------------------------------------------------------------- forward
+
+    def prefix(self, cond: torch.Tensor, cond_drop: torch.Tensor | None = None) -> torch.Tensor:
+        """cond (B, cond_dim) -> prefix tokens (B, n_prefix, C); the null prefix where cond_drop (B,)."""
+        B = cond.shape[0]
+        p = self.cond_proj(cond).view(B, self.cfg.n_prefix, self.cfg.n_embd)
+        if cond_drop is not None:
+            p = torch.where(cond_drop.view(B, 1, 1), self.null_prefix.to(p.dtype), p)
+        return p
+
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor | None,
+                cond_drop: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits over the next image token.
+
+        Without a cache (training): tokens (B, T), 1 <= T <= n_tokens -> logits (B, T, vocab) where
+        logits[:, i] predicts tokens[:, i] from cond and tokens[:, :i]; tokens[:, -1] is not read.
+
+        With a cache (decoding): every given token is fed and appended to the cache. The first call
+        (empty cache) also feeds the prefix and returns T + 1 rows: the prediction of token 0 from the
+        prefix, then one after each token; later calls need no cond and return T rows.
+        """
+        if kv_cache is None:
+            feed, start = tokens[:, :-1], 0
+        else:
+            feed, start = tokens, kv_cache.length
+        x = self.tok_emb(feed)                                             # (B, T_feed, C)
+        if start == 0:
+            x = torch.cat([self.prefix(cond, cond_drop).to(x.dtype), x], dim=1)   # (B, P + T_feed, C)
+        end = start + x.shape[1]
+        if end > self.pos_emb.shape[1]:
+            raise ValueError(f"sequence of {end} positions exceeds the model's {self.pos_emb.shape[1]}")
+        x = self.drop(x + self.pos_emb[:, start:end])
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length = end
+        # Positions before the last prefix token predict nothing: skip them before the vocab-wide head.
+        first = max(self.cfg.n_prefix - 1 - start, 0)
+        return self.head(self.ln_f(x[:, first:]))                         # (B, T_out, vocab)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        cfg = self.cfg
+        return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.n_positions,
+                       cfg.n_embd // cfg.n_head)
+
+    # ------------------------------------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, cfg_scale: float = 1.0, generator: torch.Generator | None = None,
+               n_tokens: int | None = None, first_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """cond (B, cond_dim) -> tokens (B, n_tokens), drawn one at a time with a KV cache.
+
+        Per step: the last position's logits; guidance null + cfg_scale * (cond - null) from one batched
+        forward of 2B rows (skipped when cfg_scale == 1); / temperature; top-k; top-p nucleus; multinomial
+        with `generator`. `first_tokens` (B, k) are kept as given and continued. Runs in eval mode.
+        """
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0 (use top_k=1 for greedy decoding)")
+        n_tokens = n_tokens or self.cfg.n_tokens
+        B, device = cond.shape[0], cond.device
+        out = torch.empty(B, n_tokens, dtype=torch.long, device=device)
+        feed = out[:, :0] if first_tokens is None else first_tokens.to(device)
+        out[:, :feed.shape[1]] = feed
+        guided = cfg_scale != 1.0
+        cond_drop = None
+        if guided:  # rows [0, B): conditional, [B, 2B): null
+            cond = torch.cat([cond, cond])
+            cond_drop = torch.arange(2 * B, device=device) >= B
+        # The last token is drawn, never fed: n_prefix + n_tokens - 1 positions.
+        cache = self.new_kv_cache(cond.shape[0], self.cfg.n_prefix + n_tokens - 1)
+        was_training = self.training
+        self.eval()
+        try:
+            for i in range(feed.shape[1], n_tokens):
+                logits = self(feed.repeat(2, 1) if guided else feed, cond, cond_drop, kv_cache=cache)
+                logits = logits[:, -1].float()                             # (rows, vocab)
+                if guided:
+                    c, u = logits.chunk(2)
+                    logits = u + cfg_scale * (c - u)                        # (B, vocab)
+                logits = filter_logits(logits / temperature, top_k, top_p)
+                feed = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+                out[:, i] = feed[:, 0]
+        finally:
+            self.train(was_training)
+        return out
+
+    # ----------------------------------------------------------------------------------------- optimiser
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups as in GPT-2 practice: decay Linear weights only; biases, LayerNorms, embeddings,
+        the position embedding and the null prefix are not pulled towards zero."""
+        decay = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        params = list(self.parameters())
+        return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+                {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) with everything outside the top-k, then outside the top-p nucleus, set to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches top_p (the most likely
+    token always stays). No host syncs: sort, cumsum and scatter run on the device.
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]             # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[:, 0] = False
+        drop = drop_sorted.scatter(-1, idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+__all__ = ["GPTConfig", "PRESETS", "build_gpt", "GPT", "KVCache", "filter_logits"]

@@ -1,0 +1,311 @@
+"""The stage-2 GPT (models/gpt.py) and its loaders (models/convert_gpt.py): causality, KV cache, guidance,
+sampling filters, optimiser groups, CLIP-GEN compatibility and checkpoint errors."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.checkpoint import CheckpointError
+from models.convert_gpt import clipgen_gpt_config, convert_clipgen_gpt, load_gpt, load_state
+from models.gpt import GPT, PRESETS, GPTConfig, build_gpt, filter_logits
+from tests.conftest import COMPAT_DIR
+
+needs_fixtures = pytest.mark.skipif(COMPAT_DIR is None,
+                                    reason="compat fixtures not found (set COMPAT_FIXTURES)")
+
+V, N, D = 32, 12, 16  # vocab, tokens per image, cond width of the tiny test models
+
+
+def tiny(n_prefix=1, **kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=V, n_tokens=N, n_layer=2, n_head=4, n_embd=32, cond_dim=D, n_prefix=n_prefix,
+                    **kw)
+    return GPT(cfg).eval()
+
+
+def sharp(n_prefix=1) -> GPT:
+    """A tiny model with large weights: at the usual 0.02 init the logits are nearly uniform and depend
+    little on the condition, so the same random draws give the same tokens and sampling tests prove little."""
+    m = tiny(n_prefix)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    return m
+
+
+def data(B=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, N), generator=g), torch.randn(B, D, generator=g)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------- forward
+
+def test_config_round_trip_and_presets():
+    cfg = replace(PRESETS["tiny"], vocab_size=7, n_tokens=4, block_size=9)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    assert (PRESETS["gpt2-medium"].n_layer, PRESETS["gpt2-medium"].n_embd, PRESETS["gpt2-medium"].n_head) == \
+        (24, 1024, 16)
+    m = build_gpt("tiny", vocab_size=V, n_tokens=N, cond_dim=D, n_layer=1)
+    assert (m.cfg.n_layer, m.cfg.n_embd, m.pos_emb.shape[1]) == (1, 256, N)  # 1 prefix + N - 1 fed tokens
+
+
+def test_training_convention_shapes_and_loss():
+    m = tiny()
+    tokens, cond = data()
+    logits = m(tokens, cond)
+    assert logits.shape == (3, N, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    assert abs(loss.item() - torch.log(torch.tensor(float(V))).item()) < 0.5  # near uniform at init
+    assert m(tokens[:, :1], cond).shape == (3, 1, V)  # only the prefix is fed
+
+
+@pytest.mark.parametrize("n_prefix", [1, 2])
+def test_causal(n_prefix):
+    m = tiny(n_prefix)
+    tokens, cond = data()
+    ref = m(tokens, cond)
+    j = 5
+    changed = tokens.clone()
+    changed[:, j] = (changed[:, j] + 1) % V
+    out = m(changed, cond)
+    # logits[:, i] depends on tokens[:, :i] only: positions <= j are blind to token j, position j+1 sees it.
+    torch.testing.assert_close(out[:, : j + 1], ref[:, : j + 1], rtol=0, atol=0)
+    assert not torch.allclose(out[:, j + 1], ref[:, j + 1])
+
+
+@pytest.mark.parametrize("n_prefix", [1, 2])
+def test_kv_cache_matches_uncached(n_prefix):
+    m = tiny(n_prefix)
+    tokens, cond = data()
+    ref = m(tokens, cond)                                      # (B, N, V)
+    # Token by token: the first call feeds only the prefix.
+    cache = m.new_kv_cache(3)
+    steps = [m(tokens[:, :0], cond, kv_cache=cache)]
+    steps += [m(tokens[:, i : i + 1], None, kv_cache=cache) for i in range(N - 1)]
+    torch.testing.assert_close(torch.cat(steps, 1), ref, rtol=0, atol=1e-5)
+    assert cache.length == n_prefix + N - 1
+    # Chunks: prefix + 3 tokens, then 4 at once (offset causal mask), then the rest one by one.
+    cache = m.new_kv_cache(3)
+    steps = [m(tokens[:, :3], cond, kv_cache=cache), m(tokens[:, 3:7], None, kv_cache=cache)]
+    steps += [m(tokens[:, i : i + 1], None, kv_cache=cache) for i in range(7, N - 1)]
+    torch.testing.assert_close(torch.cat(steps, 1), ref, rtol=0, atol=1e-5)
+
+
+def test_cond_drop_uses_null_prefix():
+    m = tiny(2)
+    with torch.no_grad():
+        m.null_prefix.normal_()
+    tokens, cond = data()
+    drop = torch.ones(3, dtype=torch.bool)
+    a = m(tokens, cond, drop)
+    b = m(tokens, torch.randn_like(cond) * 10, drop)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)            # the condition is ignored when dropped
+    assert not torch.allclose(a, m(tokens, cond))
+    # ... and replaced by the null prefix: zero the projection's weight, set its bias to the null prefix.
+    with torch.no_grad():
+        m.cond_proj.weight.zero_()
+        m.cond_proj.bias.copy_(m.null_prefix.flatten())
+    torch.testing.assert_close(m(tokens, cond), a, rtol=0, atol=1e-6)
+    mixed = m(tokens, cond, torch.tensor([True, False, True]))
+    torch.testing.assert_close(mixed, a, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+def _reference_sample(m, cond, seed, top_k=None, cfg_scale=1.0, temperature=1.0, top_p=None):
+    """Sampling with uncached forwards, guidance from separate conditional and null passes: the definition
+    the cached, batched sampler must meet."""
+    g, B = gen(seed), cond.shape[0]
+    out = torch.zeros(B, N, dtype=torch.long)
+    for i in range(N):
+        logits = m(out[:, : i + 1], cond)[:, i]
+        if cfg_scale != 1.0:
+            null = m(out[:, : i + 1], cond, torch.ones(B, dtype=torch.bool))[:, i]
+            logits = null + cfg_scale * (logits - null)
+        logits = filter_logits(logits / temperature, top_k, top_p)
+        out[:, i] = torch.multinomial(F.softmax(logits, -1), 1, generator=g)[:, 0]
+    return out
+
+
+def test_sample_equals_uncached_conditional_sampling_and_is_deterministic():
+    m = sharp()
+    _, cond = data()
+    a = m.sample(cond, generator=gen(5))
+    assert a.shape == (3, N) and a.dtype == torch.long
+    torch.testing.assert_close(a, _reference_sample(m, cond, 5), rtol=0, atol=0)
+    torch.testing.assert_close(m.sample(cond, generator=gen(5)), a, rtol=0, atol=0)
+    assert not torch.equal(m.sample(cond, generator=gen(6)), a)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.5), dict(temperature=2.0, top_k=5),
+                                dict(top_p=0.8, cfg_scale=2.0)])
+def test_sample_filters_match_reference(kw):
+    m = sharp()
+    _, cond = data()
+    torch.testing.assert_close(m.sample(cond, generator=gen(7), **kw), _reference_sample(m, cond, 7, **kw),
+                               rtol=0, atol=0)
+
+
+def test_cfg_scale_one_skips_null_rows_and_guidance_changes_samples():
+    m = sharp()
+    _, cond = data()
+    rows = []
+    hook = m.tok_emb.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    plain = m.sample(cond, generator=gen(3))
+    assert set(rows) == {3}
+    rows.clear()
+    torch.testing.assert_close(m.sample(cond, cfg_scale=1.0, generator=gen(3)), plain, rtol=0, atol=0)
+    guided = m.sample(cond, cfg_scale=3.0, generator=gen(3))
+    assert set(rows) == {3, 6}                                 # one batched forward of cond + null rows
+    hook.remove()
+    assert not torch.equal(guided, plain)
+    # Guided logits are null + s * (cond - null); s = 0 samples from the null condition alone.
+    for scale in (3.0, 0.0):
+        torch.testing.assert_close(m.sample(cond, cfg_scale=scale, generator=gen(4)),
+                                   _reference_sample(m, cond, 4, cfg_scale=scale), rtol=0, atol=0)
+
+
+def test_top_k_one_is_greedy():
+    m = sharp()
+    _, cond = data()
+    greedy = m.sample(cond, top_k=1, temperature=5.0, generator=gen(0))
+    torch.testing.assert_close(m.sample(cond, top_k=1, generator=gen(1)), greedy, rtol=0, atol=0)
+    ref = torch.zeros(3, N, dtype=torch.long)
+    for i in range(N):
+        ref[:, i] = m(ref[:, : i + 1], cond)[:, i].argmax(-1)
+    torch.testing.assert_close(greedy, ref, rtol=0, atol=0)
+
+
+def test_filter_logits_top_k_and_top_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.7, 0.04, 0.2, 0.06]])
+    logits = probs.log()
+    inf = float("-inf")
+    kept = lambda x: torch.isfinite(x)  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2)).tolist() == [[False, True, False, True],
+                                                             [True, False, True, False]]
+    # Nucleus 0.75: the smallest set reaching 0.75 is {0.5, 0.3} in row 0 and {0.7, 0.2} in row 1.
+    assert kept(filter_logits(logits, top_p=0.75)).tolist() == [[False, True, False, True],
+                                                                [True, False, True, False]]
+    assert kept(filter_logits(logits, top_p=0.9)[0]).tolist() == [False, True, True, True]
+    assert kept(filter_logits(logits, top_p=0.01)).sum(-1).tolist() == [1, 1]  # the top token always stays
+    torch.testing.assert_close(filter_logits(logits, top_k=3, top_p=0.75)[0],
+                               torch.tensor([inf, probs[0, 1].log(), inf, probs[0, 3].log()]))
+
+
+def test_first_tokens_are_kept_and_continued():
+    m = sharp()
+    tokens, cond = data()
+    out = m.sample(cond, top_k=1, first_tokens=tokens[:, :4])
+    torch.testing.assert_close(out[:, :4], tokens[:, :4], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, 4], m(tokens[:, :5], cond)[:, 4].argmax(-1), rtol=0, atol=0)
+
+
+def test_param_groups():
+    m = tiny(2)
+    decay, no_decay = m.param_groups(0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in m.parameters())       # every parameter exactly once
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert {"null_prefix", "pos_emb", "tok_emb.weight", "ln_f.weight", "head.bias", "blocks.0.ln_1.weight",
+            "blocks.0.attn.qkv.bias"} <= nd
+    assert all(n.endswith(".bias") or "ln_" in n or n in ("null_prefix", "pos_emb", "tok_emb.weight")
+               for n in nd)
+    assert all(names[id(p)].endswith(".weight") and p.dim() == 2 for p in decay["params"])
+    assert "head.weight" in {names[id(p)] for p in decay["params"]}
+
+
+# ------------------------------------------------------------------------------------------- CLIP-GEN
+
+@needs_fixtures
+def test_clipgen_fixture_logits_and_greedy_tokens():
+    exp = torch.load(COMPAT_DIR / "clipgen_gpt_small.expected.pt", weights_only=True)
+    m = load_gpt(COMPAT_DIR / "clipgen_gpt_small.pt")
+    c = exp["config"]
+    assert (m.cfg.vocab_size, m.cfg.n_layer, m.cfg.n_embd, m.cfg.n_head, m.cfg.n_positions, m.cfg.cond_dim,
+            m.cfg.n_tokens) == (c["vocab_size"], c["n_layer"], c["n_embed"], c["n_head"], c["block_size"],
+                                c["n_cond_embed"], 16)
+    with torch.no_grad():
+        logits = m(exp["tokens"], exp["embed"])  # feeds tokens[:, :15] after the prefix, as the fixture did
+    assert ((logits - exp["logits"]).norm() / exp["logits"].norm()).item() < 1e-5
+    greedy = m.sample(exp["embed"], top_k=1, n_tokens=16)  # the cached sampler
+    torch.testing.assert_close(greedy, exp["greedy_tokens"], rtol=0, atol=0)
+
+
+@needs_fixtures
+def test_clipgen_full_size_manifest_loads_strictly():
+    man = json.loads((COMPAT_DIR / "full_size_key_manifests.json").read_text())["clipgen_gpt_coco"]
+    sd = {k: torch.empty(s, device="meta", dtype=torch.bool if k.endswith(".mask") else torch.float32)
+          for k, s in man["keys"].items()}
+    cfg = clipgen_gpt_config(sd)
+    got = (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_tokens, cfg.cond_dim, cfg.n_positions)
+    assert got == (24, 1024, 16, 16384, 256, 512, 256)
+    c = man["config"]
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.cond_dim) == \
+        (c["n_layer"], c["n_embed"], c["n_head"], c["vocab_size"], c["n_cond_embed"])
+    with torch.device("meta"):
+        model = GPT(cfg)
+    converted = convert_clipgen_gpt(sd)
+    assert len(converted) == len(sd) - 24                       # only the 24 mask buffers are dropped
+    load_state(model, converted, assign=True)                   # strict: raises on any missing/extra key
+    assert model.head.weight.shape == (16384, 1024)
+
+
+def test_clipgen_unknown_key_is_refused():
+    m = tiny()
+    sd = {"tok_emb.weight": m.tok_emb.weight, "blocks.0.encoder.dropout.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match="does not know"):
+        convert_clipgen_gpt(sd)
+
+
+# ------------------------------------------------------------------------------------------- load_gpt
+
+def test_own_checkpoint_round_trip_prefers_ema(tmp_path):
+    m = tiny(2)
+    ema = {k: v + 1 for k, v in m.state_dict().items()}
+    torch.save({"kind": "gpt", "config": m.cfg.to_dict(), "model": m.state_dict(), "ema": ema},
+               tmp_path / "g.pt")
+    a = load_gpt(tmp_path / "g.pt")
+    assert a.cfg == m.cfg and not a.training
+    torch.testing.assert_close(a.head.bias, m.head.bias + 1)
+    torch.testing.assert_close(load_gpt(tmp_path / "g.pt", use_ema=False).head.bias, m.head.bias)
+
+
+def _one_line_error(path, match):
+    with pytest.raises(CheckpointError) as e:
+        load_gpt(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and match in msg
+    return msg
+
+
+def test_load_gpt_errors(tmp_path):
+    _one_line_error(tmp_path / "missing.pt", "not found")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    _one_line_error(tmp_path / "junk.pt", "cannot read")
+    torch.save({"kind": "vqgan", "config": {}, "model": {}}, tmp_path / "vq.pt")
+    _one_line_error(tmp_path / "vq.pt", "'vqgan' checkpoint, not a GPT one")
+    torch.save({"kind": "gpt", "model": {}}, tmp_path / "noconf.pt")
+    _one_line_error(tmp_path / "noconf.pt", "without 'config'")
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    _one_line_error(tmp_path / "other.pt", "not a GPT checkpoint we know")
+    torch.save([1, 2], tmp_path / "list.pt")
+    _one_line_error(tmp_path / "list.pt", "not a checkpoint dict")
+    m = tiny()
+    sd = m.state_dict()
+    sd.pop("head.bias")
+    torch.save({"kind": "gpt", "config": m.cfg.to_dict(), "model": sd}, tmp_path / "partial.pt")
+    _one_line_error(tmp_path / "partial.pt", "do not fit")
+
+
+@needs_fixtures
+def test_clipgen_vqgan_is_refused_as_gpt():
+    _one_line_error(COMPAT_DIR / "clipgen_vqgan_small.pt", "not a GPT checkpoint we know")
