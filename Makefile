@@ -22,7 +22,7 @@ test-all: $(STAMP)
 
 # Until demo.py exists: a short VQGAN run on the Shapes world that writes a reconstruction grid.
 demo: $(STAMP)
-	$(PY) train_vqgan.py --preset shapes --max-steps 300 --val-every 300 --val-batches 4 \
+	$(PY) train_vqgan.py --preset shapes --batch-size 32 --max-steps 300 --val-every 300 --val-batches 4 \
 		--out-dir runs/demo --no-tensorboard
 	@echo "reconstruction grid (top: input, bottom: reconstruction): runs/demo/recon.png"
 

@@ -35,7 +35,7 @@ from models.vqgan import PRESETS, VQGAN, VQGANConfig
 
 # Training defaults per preset; a flag given on the command line wins.
 TRAIN_DEFAULTS = {
-    "shapes": dict(batch_size=64, lr=4e-4, max_steps=3000, perceptual_weight=0.0, pixel_loss="l1+l2",
+    "shapes": dict(batch_size=16, lr=4e-4, max_steps=3000, perceptual_weight=0.0, pixel_loss="l1+l2",
                    disc_weight=0.1, disc_start=2000, warmup_steps=100, lr_schedule="cosine"),
     "f16-16384": dict(batch_size=16, lr=1e-4, max_steps=500_000, perceptual_weight=1.0, pixel_loss="l1",
                       disc_weight=0.8, disc_start=50_000, warmup_steps=1000, lr_schedule="constant"),
@@ -72,11 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for OUT_DIR/latest.pt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu (default: best available)")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="autocast precision; auto = bf16 on CUDA and on CPUs with native bf16 "
+                        "(AMX/AVX512-BF16), fp32 elsewhere")
     g.add_argument("--num-workers", type=int, default=1)
     g.add_argument("--log-every", type=int, default=50)
     g.add_argument("--val-every", type=int, default=500)
     g.add_argument("--save-every", type=int, default=500)
-    g.add_argument("--keep-every", type=int, default=0, help="also keep step_N.pt every N steps (0 = off)")
+    g.add_argument("--keep-every", type=int, default=10_000, help="also keep step_N.pt every N steps (0 = off)")
     g.add_argument("--val-batches", type=int, default=0, help="limit validation batches (0 = all)")
     g.add_argument("--no-tensorboard", action="store_true")
     args = p.parse_args(argv)
@@ -198,7 +201,7 @@ def main(args) -> None:
     ema = EMA(raw, args.ema_decay) if args.ema_decay > 0 else None
     opt_g = torch.optim.Adam(raw.parameters(), lr=args.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(0.5, 0.9))
-    use_bf16 = env.device.type == "cuda"
+    amp_dtype = D.autocast_dtype(args.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=False)  # bf16 needs no loss scaling
     step, best, skipped = 0, -float("inf"), 0
     if state:
@@ -221,12 +224,13 @@ def main(args) -> None:
     lpips_val = loss_fn.perceptual
     if lpips_val is None and lpips_available(args.lpips_vgg):
         lpips_val = build_lpips(args.lpips_vgg).to(env.device)
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    autocast = torch.autocast(env.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
     log = Logger(out, env.is_main, args.max_steps, step, tensorboard=not args.no_tensorboard)
     n_params = sum(p.numel() for p in raw.parameters())
     log.print(f"vqgan {args.preset}: {n_params / 1e6:.1f}M params, {cfg.grid_size}x{cfg.grid_size} tokens, "
-              f"{cfg.n_codes} codes | {env.world_size} process(es) on {env.device} | "
+              f"{cfg.n_codes} codes | {env.world_size} process(es) on {env.device}"
+              f"{' in bf16' if amp_dtype else ''} | "
               f"{'resuming at step ' + str(step) if step else 'from scratch'} | out {out}")
     stop = StopRequest()
     t_start, t_log, imgs_since_log = time.time(), time.time(), 0

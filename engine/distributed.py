@@ -44,6 +44,29 @@ def pick_device(requested: str | None, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (Intel AMX or AVX512-BF16): there bf16 autocast trains
+    convolutions and transformers about twice as fast as fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """--precision auto|bf16|fp32 -> the autocast dtype, None for fp32. auto: bf16 on CUDA and on CPUs
+    with native bf16, fp32 elsewhere (MPS, older CPUs)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
+        return torch.bfloat16
+    return None
+
+
 def setup(requested_device: str | None = None) -> DistEnv:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -72,27 +72,37 @@ class VectorQuantizer(nn.Module):
         counts = torch.bincount(indices, minlength=self.n_codes).float()
         stats = {"perplexity": perplexity(counts), "batch_usage": (counts > 0).float().mean()}
         if self.training and self.restart_threshold > 0:
-            self._update_and_restart(z_flat.detach(), counts)
+            err = (z_flat.detach() - rearrange(z_q.detach(), "b d h w -> (b h w) d")).pow(2).sum(1)
+            self._update_and_restart(z_flat.detach(), err, counts)
         return z_q, indices.view(B, h, w), loss, stats
 
     @torch.no_grad()
-    def _update_and_restart(self, z_flat: torch.Tensor, counts: torch.Tensor) -> None:
+    def _update_and_restart(self, z_flat: torch.Tensor, err: torch.Tensor, counts: torch.Tensor) -> None:
+        """Re-seed codes whose running count fell below the threshold with encoder outputs drawn in
+        proportion to their quantization error: the vectors the codebook serves worst. (Drawing uniformly
+        would mostly pick the commonest content, e.g. plain background, where codes are not needed.)"""
         if _distributed():
             # Every rank must see the global batch so that codebooks stay identical across ranks, and a
             # run on N processes matches one process on the same global batch.
             dist.all_reduce(counts)
-            gathered = [torch.empty_like(z_flat) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, z_flat.contiguous())
-            z_flat = torch.cat(gathered)
+            z_flat, err = _all_gather_cat(z_flat), _all_gather_cat(err)
         self.usage.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
         self.n_updates += 1
         dead = (self.usage < self.restart_threshold).nonzero().squeeze(1)
         if dead.numel() == 0:
             return
         g = torch.Generator(device="cpu").manual_seed(int(self.n_updates.item()))
-        pick = torch.randint(0, z_flat.shape[0], (dead.numel(),), generator=g).to(z_flat.device)
+        weights = err.double().cpu() + 1e-12
+        replace = dead.numel() > int((weights > 1e-12).sum())  # distinct vectors while there are enough
+        pick = torch.multinomial(weights, dead.numel(), replacement=replace, generator=g).to(z_flat.device)
         self.embedding.weight.data[dead] = z_flat[pick].to(self.embedding.weight.dtype)
         self.usage[dead] = 1.0
+
+
+def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def perplexity(counts: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ class VQGANConfig:
     n_codes: int = 1024
     dropout: float = 0.0
     norm_eps: float = 1e-6          # GroupNorm eps (taming: 1e-6)
+    norm_groups: int = 32           # GroupNorm groups (taming: 32); few channels per group keep colour
     beta: float = 0.25              # commitment weight
     l2_codes: bool = True           # l2-normalised code lookup
     restart_threshold: float = 0.0  # re-seed codes whose running count per batch falls below this
@@ -55,8 +56,8 @@ class VQGANConfig:
 PRESETS: dict[str, VQGANConfig] = {
     # 64x64 Shapes-world images -> 8x8 tokens; small enough to train on a laptop CPU.
     "shapes": VQGANConfig(resolution=64, ch=16, ch_mult=(1, 2, 4, 8), num_res_blocks=1,
-                          attn_resolutions=(8,), z_channels=64, embed_dim=16, n_codes=512,
-                          l2_codes=True, restart_threshold=0.05),
+                          attn_resolutions=(8,), z_channels=64, embed_dim=16, n_codes=512, norm_groups=4,
+                          l2_codes=True, restart_threshold=0.01),
     # The CLIP-GEN / taming ImageNet size: 256x256 -> 16x16 tokens, 16384 codes.
     "f16-16384": VQGANConfig(resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
                              attn_resolutions=(16,), z_channels=256, embed_dim=32, n_codes=16384,
@@ -64,17 +65,20 @@ PRESETS: dict[str, VQGANConfig] = {
 }
 
 
-def Normalize(channels: int, eps: float) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=min(32, channels), num_channels=channels, eps=eps, affine=True)
+def Normalize(channels: int, cfg: "VQGANConfig") -> nn.GroupNorm:
+    # With one channel per group, GroupNorm is InstanceNorm: it rescales each channel on its own and so
+    # erases the ratios between channels that carry colour. Narrow models want fewer groups.
+    return nn.GroupNorm(num_groups=min(cfg.norm_groups, channels), num_channels=channels, eps=cfg.norm_eps,
+                        affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, dropout: float, eps: float):
+    def __init__(self, in_ch: int, out_ch: int, cfg: "VQGANConfig"):
         super().__init__()
-        self.norm1 = Normalize(in_ch, eps)
+        self.norm1 = Normalize(in_ch, cfg)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = Normalize(out_ch, eps)
-        self.dropout = nn.Dropout(dropout)
+        self.norm2 = Normalize(out_ch, cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
@@ -89,9 +93,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, 1x1-conv projections as in taming."""
 
-    def __init__(self, ch: int, eps: float):
+    def __init__(self, ch: int, cfg: "VQGANConfig"):
         super().__init__()
-        self.norm = Normalize(ch, eps)
+        self.norm = Normalize(ch, cfg)
         self.q, self.k, self.v = (nn.Conv2d(ch, ch, 1) for _ in range(3))
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
@@ -125,16 +129,16 @@ class Upsample(nn.Module):
 
 def _mid(ch: int, cfg: VQGANConfig) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(ch, ch, cfg.dropout, cfg.norm_eps)
-    mid.attn_1 = AttnBlock(ch, cfg.norm_eps)
-    mid.block_2 = ResnetBlock(ch, ch, cfg.dropout, cfg.norm_eps)
+    mid.block_1 = ResnetBlock(ch, ch, cfg)
+    mid.attn_1 = AttnBlock(ch, cfg)
+    mid.block_2 = ResnetBlock(ch, ch, cfg)
     return mid
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
-        eps, n_levels = cfg.norm_eps, len(cfg.ch_mult)
+        n_levels = len(cfg.ch_mult)
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         res, in_mult = cfg.resolution, (1,) + tuple(cfg.ch_mult)
         self.down = nn.ModuleList()
@@ -143,16 +147,16 @@ class Encoder(nn.Module):
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             c_in, c_out = cfg.ch * in_mult[i], cfg.ch * cfg.ch_mult[i]
             for _ in range(cfg.num_res_blocks):
-                level.block.append(ResnetBlock(c_in, c_out, cfg.dropout, eps))
+                level.block.append(ResnetBlock(c_in, c_out, cfg))
                 c_in = c_out
                 if res in cfg.attn_resolutions:
-                    level.attn.append(AttnBlock(c_out, eps))
+                    level.attn.append(AttnBlock(c_out, cfg))
             if i != n_levels - 1:
                 level.downsample = Downsample(c_out)
                 res //= 2
             self.down.append(level)
         self.mid = _mid(c_out, cfg)
-        self.norm_out = Normalize(c_out, eps)
+        self.norm_out = Normalize(c_out, cfg)
         self.conv_out = nn.Conv2d(c_out, cfg.z_channels, 3, padding=1)
 
     def forward(self, x):  # (B, 3, R, R) -> (B, z_channels, R/f, R/f)
@@ -171,7 +175,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
-        eps, n_levels = cfg.norm_eps, len(cfg.ch_mult)
+        n_levels = len(cfg.ch_mult)
         c = cfg.ch * cfg.ch_mult[-1]
         res = cfg.grid_size
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
@@ -183,16 +187,16 @@ class Decoder(nn.Module):
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             c_out = cfg.ch * cfg.ch_mult[i]
             for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(c, c_out, cfg.dropout, eps))
+                level.block.append(ResnetBlock(c, c_out, cfg))
                 c = c_out
                 if res in cfg.attn_resolutions:
-                    level.attn.append(AttnBlock(c, eps))
+                    level.attn.append(AttnBlock(c, cfg))
             if i != 0:
                 level.upsample = Upsample(c)
                 res *= 2
             levels[i] = level
         self.up = nn.ModuleList(levels)
-        self.norm_out = Normalize(c, eps)
+        self.norm_out = Normalize(c, cfg)
         self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
 
     def forward(self, z):  # (B, z_channels, h, w) -> (B, 3, h*f, w*f)

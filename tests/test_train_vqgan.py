@@ -111,7 +111,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     # agreement is tested exactly in test_quantizer_restart_is_identical_across_ranks.
     common = ["--max-steps", "4", "--disc-start", "2", "--disc-weight", "0.5", "--restart-threshold", "0",
               "--lr", "1e-3", "--warmup-steps", "0", "--val-every", "4", "--num-workers", "0",
-              "--device", "cpu"]
+              "--device", "cpu", "--precision", "fp32"]
     one = run_train(common + ["--out-dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -114,7 +114,7 @@ def test_config_dict_round_trip(preset, tmp_path):
 def test_attn_block_matches_hand_computation():
     torch.manual_seed(0)
     C, H, W = 8, 3, 5
-    attn = AttnBlock(C, eps=1e-6)
+    attn = AttnBlock(C, VQGANConfig(norm_eps=1e-6))
     for p in attn.parameters():  # random affine and biases too, so every term matters
         p.data.normal_(0, 0.5)
     x = torch.randn(2, C, H, W)

@@ -1,0 +1,393 @@
+"""CLIP: the frozen image/text encoder every stage shares, as one wrapper over open_clip.
+
+    clip = load_clip("runs/clip-shapes/best.pt")        # a checkpoint written by train_clip.py
+    clip = load_clip("clip_vit_b32.pt")                 # an OpenAI-format state dict (CLIP-GEN's release)
+    clip = load_clip("ViT-B-32:openai")                 # open_clip name:tag (downloads or reads its cache)
+    e_img = clip.encode_image(images)                   # (B, 3, H, W) in [-1, 1] -> (B, D), unit norm
+    e_txt = clip.encode_text(["a red circle"])          # list of str -> (B, D), unit norm
+
+The GPT is trained on image embeddings and sampled from text embeddings, so both must come out of the
+same space the same way: float32 and L2-normalised, whatever precision the caller runs under. Images
+arrive in the VQGAN's range [-1, 1]; CLIP's own resize and mean/std normalisation happen here, once.
+
+The end of the file holds the Shapes world's zero-shot evaluation (how well CLIP names each attribute).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.model import build_model_from_openai_state_dict
+from open_clip.tokenizer import SimpleTokenizer
+from torch import nn
+
+from engine import checkpoint as ckpt
+from engine.checkpoint import CheckpointError
+
+DEFAULT_PREPROCESS = {"mean": tuple(OPENAI_DATASET_MEAN), "std": tuple(OPENAI_DATASET_STD)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks shared with train_clip.py
+
+def build_open_clip(config: dict) -> nn.Module:
+    """An open_clip model (random weights) from a model config dict, the format of open_clip's
+    model_configs/*.json: {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"?, "custom_text"?}."""
+    cfg = copy.deepcopy(config)
+    cls = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
+    return cls(**cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _simple_tokenizer(context_length: int) -> SimpleTokenizer:
+    return SimpleTokenizer(context_length=context_length)
+
+
+def tokenizer_for(config: dict):
+    """The tokenizer a model config calls for: open_clip's default BPE unless it names a HF tokenizer."""
+    text_cfg = config.get("text_cfg", {})
+    context_length = text_cfg.get("context_length", 77)
+    if text_cfg.get("hf_tokenizer_name"):
+        return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
+    return _simple_tokenizer(context_length)
+
+
+def tokenize(tokenizer, texts: Sequence[str], context_length: int) -> tuple[torch.Tensor, list[int]]:
+    """(B, context_length) token ids, and per text how many of its tokens did not fit.
+
+    Same ids as open_clip's SimpleTokenizer (start token, BPE, end token, zero padding; an over-long
+    text keeps its first context_length - 1 tokens and the end token), but it counts what it cuts, which
+    open_clip does silently. Other tokenizers (HF) are called as they are and report nothing dropped."""
+    if not isinstance(tokenizer, SimpleTokenizer) or tokenizer.reduction_fn is not None:
+        return tokenizer(list(texts), context_length=context_length), [0] * len(texts)
+    sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
+    ids = [[sot] + tokenizer.encode(t) + [eot] for t in texts]
+    out = torch.zeros(len(ids), context_length, dtype=torch.long)
+    dropped = []
+    for i, x in enumerate(ids):
+        dropped.append(max(0, len(x) - context_length))
+        if dropped[-1]:
+            x = x[:context_length - 1] + [eot]
+        out[i, :len(x)] = torch.tensor(x)
+    return out, dropped
+
+
+def to_clip_pixels(images: torch.Tensor, image_size: tuple[int, int], mean: torch.Tensor,
+                   std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, 3, S, S) as CLIP's tower expects: CLIP's own preprocessing (shorter
+    side resized to S with antialiased bicubic, centre crop, clamp to [0, 1] as an 8-bit image would be,
+    then (x - mean) / std). mean, std: (1, 3, 1, 1)."""
+    x = (images.float().clamp(-1, 1) + 1) / 2  # (B, 3, H, W) in [0, 1]
+    h, w = x.shape[-2:]
+    th, tw = image_size
+    if (h, w) != (th, tw):
+        scale = max(th / h, tw / w)
+        size = (max(th, int(h * scale)), max(tw, int(w * scale)))
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        top, left = int(round((size[0] - th) / 2)), int(round((size[1] - tw) / 2))
+        x = x[..., top:top + th, left:left + tw]
+    return (x - mean) / std
+
+
+def _pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _embed_dim(model: nn.Module) -> int:
+    visual = model.visual
+    if getattr(visual, "output_dim", None):
+        return int(visual.output_dim)
+    proj = getattr(model, "text_projection", None)
+    return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# The wrapper
+
+class CLIP(nn.Module):
+    """A frozen open_clip model with the project's two calls: encode_image and encode_text.
+
+    It never leaves eval mode (train() is a no-op) and holds no trainable parameters, so a stage that
+    owns it can call .train() on itself and hand its own parameters to an optimizer safely."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD,
+                 source: str = ""):
+        super().__init__()
+        self.model = model.float()
+        self.model.eval().requires_grad_(False)
+        self.context_length = int(model.context_length)
+        self.tokenizer = tokenizer if tokenizer is not None else _simple_tokenizer(self.context_length)
+        h, w = _pair(model.visual.image_size)
+        self.image_size = h if h == w else (h, w)
+        self.embed_dim = _embed_dim(model)
+        self.source = source
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "CLIP":
+        return super().train(False)  # frozen: eval() always, whatever a parent module asks
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def extra_repr(self) -> str:
+        return (f"source={self.source!r}, embed_dim={self.embed_dim}, image_size={self.image_size}, "
+                f"context_length={self.context_length}")
+
+    # Lower level: already-preprocessed inputs in, raw (unnormalised) features out.
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 3, S, S) normalised pixels."""
+        return to_clip_pixels(images.to(self.device), _pair(self.image_size), self.mean, self.std)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised pixels -> (B, D) unnormalised float32 features."""
+        return self.model.encode_image(pixels.to(self.device)).float()
+
+    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, context_length) token ids -> (B, D) unnormalised float32 features."""
+        return self.model.encode_text(tokens.to(self.device)).float()
+
+    def tokenize(self, texts: str | Sequence[str], _stacklevel: int = 2) -> torch.Tensor:
+        """(B, context_length) token ids; an over-long text is cut, with one warning for the whole call."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        tokens, dropped = tokenize(self.tokenizer, texts, self.context_length)
+        cut = [(d, t) for d, t in zip(dropped, texts) if d]
+        if cut:
+            worst, text = max(cut)
+            warnings.warn(f"{len(cut)} of {len(texts)} text(s) exceed CLIP's context of {self.context_length} "
+                          f"tokens and were truncated, dropping {sum(d for d, _ in cut)} token(s) in all "
+                          f"(up to {worst} from {text[:60]!r})", stacklevel=_stacklevel)
+        return tokens
+
+    # The project's interface: float32, L2-normalised, no gradients.
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, D) unit-norm float32 embeddings."""
+        return F.normalize(self.image_features(self.preprocess(images)), dim=-1)
+
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """list of B strings -> (B, D) unit-norm float32 embeddings."""
+        tokens = self.tokenize(texts, _stacklevel=3)  # a truncation warning points at the caller
+        with torch.no_grad():
+            return F.normalize(self.text_features(tokens), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+def load_clip(spec, device: str | torch.device | None = None) -> CLIP:
+    """A frozen CLIP from any of:
+      - a checkpoint written by train_clip.py ({"kind": "clip", "open_clip_config", "model", ...});
+      - an OpenAI-format state dict file (visual.*, transformer.resblocks.*, ...; fp16 is fine);
+      - an open_clip pretrained model: "NAME:TAG" or (NAME, TAG), e.g. "ViT-B-32:openai", or
+        "hf-hub:ORG/REPO". These need the weights downloadable or already in open_clip's cache.
+    Anything a user can get wrong raises CheckpointError with one line."""
+    if isinstance(spec, CLIP):
+        clip = spec
+    elif isinstance(spec, (tuple, list)):
+        if len(spec) != 2:
+            raise CheckpointError(f"an open_clip model is given as (NAME, TAG), got {spec!r}")
+        clip = from_pretrained(*spec)
+    else:
+        text = os.fspath(spec)
+        if text.startswith(("hf-hub:", "local-dir:")):
+            clip = from_pretrained(text, None)
+        elif Path(text).is_file() or _looks_like_path(text):
+            clip = from_file(text)
+        elif ":" in text:
+            clip = from_pretrained(*text.split(":", 1))
+        else:
+            raise CheckpointError(f"{text!r} is neither a checkpoint file nor an open_clip NAME:TAG such as "
+                                  f"ViT-B-32:openai")
+    return clip.to(device) if device is not None else clip
+
+
+def _looks_like_path(text: str) -> bool:
+    return os.sep in text or "/" in text or text.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors"))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def from_pretrained(name: str, tag: str | None) -> CLIP:
+    """open_clip.create_model(name, pretrained=tag): a built-in name and a weights tag (or a file path),
+    or an hf-hub:/local-dir: name with no tag."""
+    if not tag and not name.startswith(("hf-hub:", "local-dir:")):
+        raise CheckpointError(f"open_clip model {name!r} needs pretrained weights: give NAME:TAG, "
+                              f"e.g. {name}:openai (open_clip.list_pretrained() lists them)")
+    try:
+        model = open_clip.create_model(name, pretrained=tag, require_pretrained=True)
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as e:  # no network, no cache, unknown name or tag: all say the same to the user
+        raise CheckpointError(f"cannot load open_clip {name}{':' + tag if tag else ''} ({_first_line(e)}); "
+                              f"fetch the weights where there is network (open_clip caches them), or "
+                              f"pass a local checkpoint file") from None
+    pp = getattr(model.visual, "preprocess_cfg", DEFAULT_PREPROCESS)
+    return CLIP(model, tokenizer, pp["mean"], pp["std"], source=f"{name}:{tag}" if tag else name)
+
+
+def from_file(path: str | os.PathLike) -> CLIP:
+    """A train_clip.py checkpoint or an OpenAI-format state dict, told apart by their contents."""
+    path = Path(path)
+    if path.is_file() and _is_torchscript(path):
+        raise CheckpointError(
+            f"{path} is a TorchScript archive (OpenAI's JIT release), which is code, not data; convert it once, "
+            f"where you trust it, to a state dict: torch.save(torch.jit.load(path, map_location='cpu')"
+            f".state_dict(), 'clip_state_dict.pt'), then load that")
+    state = ckpt.load(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a CLIP checkpoint or state dict")
+    if "kind" in state:
+        if state["kind"] != "clip":
+            raise CheckpointError(f"{path} is a {state['kind']} checkpoint, not a CLIP checkpoint")
+        return from_checkpoint(state, source=str(path))
+    for key in ("state_dict", "model"):  # a state dict saved inside a wrapper dict
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if "visual.proj" not in state and "visual.attnpool.positional_embedding" not in state:
+        raise CheckpointError(f"{path} is neither a train_clip.py checkpoint (kind 'clip') nor an OpenAI-format "
+                              f"CLIP state dict (no visual.proj key)")
+    return from_openai_state_dict(state, source=str(path))
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
+
+
+def from_openai_state_dict(state: dict, source: str = "") -> CLIP:
+    """OpenAI's layout (as CLIP-GEN ships it), QuickGELU, computed in float32 from the (fp16) weights."""
+    try:
+        # cast_dtype=None: plain LayerNorms, as the model runs in float32 (fp16 weights are upcast exactly).
+        model = build_model_from_openai_state_dict(dict(state), quick_gelu=True, cast_dtype=None)
+    except (KeyError, RuntimeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{source or 'state dict'} does not fit OpenAI's CLIP layout "
+                              f"({_first_line(e)})") from None
+    return CLIP(model, None, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, source=source)
+
+
+def from_checkpoint(state: dict, source: str = "") -> CLIP:
+    """A train_clip.py checkpoint; its EMA weights when it has them."""
+    try:
+        config = state["open_clip_config"]
+        model = build_open_clip(config)
+        model.load_state_dict(state.get("ema") or state["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{source or 'checkpoint'} is a broken CLIP checkpoint ({_first_line(e)})") from None
+    pp = state.get("preprocess", DEFAULT_PREPROCESS)
+    return CLIP(model, tokenizer_for(config), pp["mean"], pp["std"], source=source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes world: zero-shot accuracy at naming each attribute of held-out images
+
+ZERO_SHOT_ATTRIBUTES = ("color", "shape", "size", "position")
+PROMPT_STYLES = ("single", "ensemble")
+
+
+def _n_classes(attribute: str) -> int:
+    from datasets import shapes
+
+    return {"color": len(shapes.COLORS), "shape": len(shapes.SHAPES), "size": len(shapes.SIZES),
+            "position": len(shapes.ROWS) * len(shapes.COLS)}[attribute]
+
+
+def attribute_prompts(attribute: str, style: str = "single") -> list[list[str]]:
+    """Per class of `attribute`, the prompts whose mean embedding stands for it.
+
+    single:   one prompt naming only that attribute: "a red shape", "a circle", "a small shape",
+              "a shape in the top left" (wordings the training captions never use for size and position).
+    ensemble: the class named beside every colour and shape, as training captions always name those:
+              "a small red circle", "a small orange circle", ... averaged (CLIP's prompt ensembling)."""
+    from datasets import shapes
+
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; choose from {PROMPT_STYLES}")
+    n_cols = len(shapes.COLS)
+
+    def spec(k: int, color: int = 0, shape: int = 0) -> shapes.ShapeSpec:
+        labels = {"color": color, "shape": shape, "size": 0, "row": 0, "col": 0}
+        if attribute == "position":
+            labels.update(row=k // n_cols, col=k % n_cols)
+        else:
+            labels[attribute] = k
+        return shapes.ShapeSpec(**labels, side=0.0, cx=0.0, cy=0.0)
+
+    out = []
+    for k in range(_n_classes(attribute)):
+        if style == "single":
+            out.append([shapes.describe(spec(k), {attribute})])
+            continue
+        colors = [k] if attribute == "color" else range(len(shapes.COLORS))
+        kinds = [k] if attribute == "shape" else range(len(shapes.SHAPES))
+        named = {attribute, "color", "shape"}
+        out.append([shapes.describe(spec(k, c, s), named) for c in colors for s in kinds])
+    return out
+
+
+@torch.no_grad()
+def zero_shot_classifier(clip: CLIP, attribute: str, style: str = "single") -> torch.Tensor:
+    """(n_classes, D) unit-norm class embeddings: the normalised mean of each class's prompt embeddings."""
+    prompts = attribute_prompts(attribute, style)
+    flat = clip.encode_text([p for ps in prompts for p in ps])  # (sum of prompts, D)
+    rows, i = [], 0
+    for ps in prompts:
+        rows.append(flat[i:i + len(ps)].mean(0))
+        i += len(ps)
+    return F.normalize(torch.stack(rows), dim=-1)
+
+
+def _targets(batch: dict, attribute: str) -> torch.Tensor:
+    if attribute == "position":
+        from datasets.shapes import COLS
+
+        return batch["row"] * len(COLS) + batch["col"]
+    return batch[attribute]
+
+
+@torch.no_grad()
+def zero_shot_counts(clip: CLIP, dataset, indices: Sequence[int] | None = None, styles=PROMPT_STYLES,
+                     batch_size: int = 250) -> dict[str, torch.Tensor]:
+    """Per prompt style, float64 [correct colour, shape, size, position, n images] over dataset[indices]
+    (Shapes items with labels). Counts, so ranks can sum their shares before dividing."""
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    heads = {s: {a: zero_shot_classifier(clip, a, s) for a in ZERO_SHOT_ATTRIBUTES} for s in styles}
+    counts = {s: torch.zeros(len(ZERO_SHOT_ATTRIBUTES) + 1, dtype=torch.float64) for s in styles}
+    for start in range(0, len(indices), batch_size):
+        batch = torch.utils.data.default_collate([dataset[i] for i in indices[start:start + batch_size]])
+        emb = clip.encode_image(batch["image"])  # (B, D)
+        for s in styles:
+            for j, a in enumerate(ZERO_SHOT_ATTRIBUTES):
+                pred = (emb @ heads[s][a].T).argmax(-1).cpu()
+                counts[s][j] += (pred == _targets(batch, a)).sum().item()
+            counts[s][-1] += len(emb)
+    return counts
+
+
+def accuracies(counts: torch.Tensor) -> dict[str, float]:
+    """[correct per attribute..., n] -> {attribute: accuracy}."""
+    n = max(1.0, counts[-1].item())
+    return {a: counts[j].item() / n for j, a in enumerate(ZERO_SHOT_ATTRIBUTES)}
+
+
+def zero_shot_accuracy(clip: CLIP, dataset, indices: Sequence[int] | None = None,
+                       style: str = "single", batch_size: int = 250) -> dict[str, float]:
+    """{color, shape, size, position: accuracy} of CLIP naming each attribute of Shapes images by
+    nearest class embedding (8 colours, 4 shapes, 2 sizes, 9 grid cells)."""
+    return accuracies(zero_shot_counts(clip, dataset, indices, (style,), batch_size)[style])
