@@ -10,7 +10,6 @@ learns to write these token grids.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,11 +21,12 @@ from torchvision.utils import make_grid, save_image
 
 import datasets
 from engine import checkpoint as ckpt
+from engine import data
 from engine import distributed as D
 from engine.cli import UsageError, run
 from engine.ema import EMA
 from engine.logs import Logger
-from engine.sampler import ResumableBatchSampler
+from engine.schedule import lr_at, set_lr
 from engine.signals import StopRequest
 from models.discriminator import PatchDiscriminator
 from models.losses import VQLoss, build_lpips, lpips_available
@@ -96,15 +96,6 @@ def model_config(args) -> VQGANConfig:
     return replace(PRESETS[args.preset], **{k: v for k, v in over.items() if v is not None})
 
 
-def lr_at(step: int, args) -> float:
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    if args.lr_schedule == "constant":
-        return args.lr
-    t = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))  # down to 10%
-
-
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) / 2)
 
@@ -155,19 +146,8 @@ def save_grid(first, path: Path) -> torch.Tensor:
 
 def build_loaders(args, env, cfg, start_step):
     train_ds, val_ds = datasets.build_datasets(args, cfg.resolution)
-    sampler = ResumableBatchSampler(len(train_ds), args.batch_size, env.rank, env.world_size, args.seed)
-    sampler.start_step = start_step
-    common = dict(num_workers=args.num_workers, pin_memory=env.device.type == "cuda",
-                  persistent_workers=False)
-    if args.num_workers > 0:
-        common["prefetch_factor"] = 4
-    train_loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, **common)
-    # Validation: rank r takes items r, r + W, ...; metrics are summed over ranks.
-    val_idx = list(range(env.rank, len(val_ds), env.world_size))
-    val_loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(val_ds, val_idx), batch_size=max(1, args.batch_size // env.world_size),
-        shuffle=False, **common)
-    return train_loader, val_loader, sampler
+    train, sampler = data.train_loader(train_ds, args.batch_size, env, args.seed, start_step, args.num_workers)
+    return train, data.val_loader(val_ds, args.batch_size, env, args.num_workers), sampler
 
 
 def checkpoint_state(raw, disc, ema, opt_g, opt_d, scaler, step, epoch, args, best, skipped, rngs):
@@ -241,10 +221,8 @@ def main(args) -> None:
         batch = next(data_iter)
         x = batch["image"].to(env.device, non_blocking=True)
         skipped += int(batch["skipped"].sum())
-        lr = lr_at(step, args)
-        for opt in (opt_g, opt_d):
-            for group in opt.param_groups:
-                group["lr"] = lr
+        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
+        set_lr((opt_g, opt_d), lr)
 
         with autocast:
             x_rec, _, qloss, qstats = model(x)

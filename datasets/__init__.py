@@ -45,6 +45,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                                                       "(found in --val-data-path, else --data-path)")
     group.add_argument("--shapes-train-size", type=int, default=50_000, help="items per Shapes training epoch")
     group.add_argument("--shapes-val-size", type=int, default=1_000, help="Shapes validation items")
+    group.add_argument("--shapes-split", choices=["unlabeled", "captioned"], default="unlabeled",
+                       help="Shapes splits: unlabeled (images only: VQGAN, GPT) or captioned (CLIP, and "
+                            "the supervised --cond text comparison)")
 
 
 def holdout_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -76,9 +79,11 @@ def build_datasets(args: argparse.Namespace, resolution: int):
     """(train dataset with random crops, val dataset with centre crops) for the flags of add_data_args."""
     train_tf, eval_tf = TrainTransform(resolution), EvalTransform(resolution)
     if args.dataset == "shapes":
-        # Unlabeled splits: captions never reach the VQGAN or the GPT.
-        return (ShapesDataset("unlabeled-train", args.shapes_train_size, resolution, captioned=False),
-                ShapesDataset("unlabeled-val", args.shapes_val_size, resolution, captioned=False))
+        # Unlabeled splits by default: captions never reach the VQGAN or the language-free GPT.
+        split = getattr(args, "shapes_split", "unlabeled")
+        captioned = split == "captioned"
+        return (ShapesDataset(f"{split}-train", args.shapes_train_size, resolution, captioned=captioned),
+                ShapesDataset(f"{split}-val", args.shapes_val_size, resolution, captioned=captioned))
     if args.dataset == "folder":
         _require(args, "--data-path")
         full = ImageFolder(args.data_path, train_tf)

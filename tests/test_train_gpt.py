@@ -1,0 +1,188 @@
+"""Stage 2 as a user runs it: pre-encoding writes shards that round-trip, the GPT's loss falls, a SIGTERM'd
+run resumes to the same weights, 2 gloo processes equal 1, and misuse ends in one line."""
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from datasets.encoded import EncodedShards, shard_name
+from datasets.robust import DataError
+from datasets.shapes import ShapesDataset
+from models.clip import build_open_clip, load_clip
+from models.convert import load_vqgan
+from models.vqgan import VQGAN, VQGANConfig
+from tests.conftest import REPO
+from tests.test_train_vqgan import _env, _free_port, load_state
+
+TINY_VQGAN = VQGANConfig(resolution=64, ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                         z_channels=16, embed_dim=8, n_codes=32, norm_groups=4, l2_codes=True)
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory):
+    """A tiny VQGAN and a tiny CLIP checkpoint, and pre-encoded Shapes shards made with them."""
+    root = tmp_path_factory.mktemp("stage2")
+    torch.manual_seed(0)
+    torch.save({"kind": "vqgan", "config": TINY_VQGAN.to_dict(), "model": VQGAN(TINY_VQGAN).state_dict()},
+               root / "vqgan.pt")
+    torch.save({"kind": "clip", "open_clip_config": TINY_CLIP, "model": build_open_clip(TINY_CLIP).state_dict()},
+               root / "clip.pt")
+    for split in ("unlabeled", "captioned"):
+        r = subprocess.run([sys.executable, "preencode.py", "--vqgan", str(root / "vqgan.pt"), "--clip",
+                            str(root / "clip.pt"), "--out", str(root / f"enc-{split}"), "--shapes-split", split,
+                            "--shapes-train-size", "96", "--shapes-val-size", "16", "--shard-size", "40",
+                            "--num-workers", "0"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert "done: encoded 96 train and 16 val items" in r.stdout
+    return root
+
+
+def test_preencoded_shards_round_trip(frozen):
+    ds = EncodedShards(frozen / "enc-unlabeled" / "train")
+    assert len(ds) == 96 and ds.meta["n_shards"] == 3 and not ds.has_text
+    vqgan, clip = load_vqgan(frozen / "vqgan.pt"), load_clip(str(frozen / "clip.pt"))
+    src = ShapesDataset("unlabeled-train", 96)
+    for i in (0, 41, 95):  # one item of each shard
+        image = src[i]["image"][None]
+        with torch.no_grad():
+            _, tokens, _, _ = vqgan.encode(image)
+        item = ds[i]
+        assert item["index"] == i
+        assert torch.equal(item["tokens"], tokens[0])
+        assert torch.allclose(item["image_embed"], clip.encode_image(image)[0], atol=2e-3)
+    captioned = EncodedShards(frozen / "enc-captioned" / "train")
+    assert captioned.has_text
+    caption = ShapesDataset("captioned-train", 96)[5]["caption"]
+    assert torch.allclose(captioned[5]["text_embed"], clip.encode_text([caption])[0], atol=2e-3)
+
+
+def test_half_written_shards_are_never_read(frozen, tmp_path):
+    import shutil
+
+    folder = tmp_path / "train"
+    shutil.copytree(frozen / "enc-unlabeled" / "train", folder)
+    (folder / "meta.json").unlink()  # as if the run died before finishing
+    (folder / f".{shard_name(3)}.abc.tmp").write_bytes(b"partial")
+    with pytest.raises(DataError, match="meta.json missing"):
+        EncodedShards(folder)
+
+
+def test_preencode_continues_and_skips_finished_shards(frozen, tmp_path):
+    import shutil
+
+    out = tmp_path / "enc"
+    shutil.copytree(frozen / "enc-unlabeled", out)
+    (out / "train" / shard_name(1)).unlink()
+    (out / "train" / "meta.json").unlink()
+    kept = (out / "train" / shard_name(0)).stat().st_mtime_ns
+    r = subprocess.run([sys.executable, "preencode.py", "--vqgan", str(frozen / "vqgan.pt"), "--clip",
+                        str(frozen / "clip.pt"), "--out", str(out), "--shapes-train-size", "96",
+                        "--shapes-val-size", "16", "--shard-size", "40", "--num-workers", "0"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "train: shard 2/3" in r.stdout and "train: shard 1/3" not in r.stdout
+    assert (out / "train" / shard_name(0)).stat().st_mtime_ns == kept
+    a, b = EncodedShards(out / "train"), EncodedShards(frozen / "enc-unlabeled" / "train")
+    assert torch.equal(a.tensors["tokens"], b.tensors["tokens"])
+
+
+def run_gpt(frozen, args, prefix=None, timeout=300):
+    cmd = (prefix or [sys.executable]) + [
+        "train_gpt.py", "--vqgan", str(frozen / "vqgan.pt"), "--clip", str(frozen / "clip.pt"),
+        "--batch-size", "8", "--no-tensorboard", "--log-every", "1", "--num-workers", "0",
+        "--prompts", "a red circle", "--warmup-steps", "2", *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_gpt_loss_falls_on_shards(frozen, tmp_path):
+    r = run_gpt(frozen, ["--shards", str(frozen / "enc-unlabeled"), "--max-steps", "40", "--lr", "2e-3",
+                         "--val-every", "40", "--out-dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    losses = [float(l.split()[3]) for l in r.stdout.splitlines() if l.startswith("step ")]
+    assert len(losses) == 40
+    assert abs(losses[0] - torch.log(torch.tensor(32.0)).item()) < 0.3  # starts at chance: ln(codes)
+    assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
+    assert (tmp_path / "samples.png").is_file() and (tmp_path / "best.pt").is_file()
+    state = load_state(tmp_path / "latest.pt")
+    assert state["kind"] == "gpt" and state["conditioning"]["cond"] == "image"
+    assert "ema" in state and "optimizer" in state and "rng" in state
+
+
+def test_gpt_on_the_fly_and_text_condition(frozen, tmp_path):
+    r = run_gpt(frozen, ["--cond", "text", "--max-steps", "3", "--val-every", "3", "--shapes-train-size", "32",
+                         "--shapes-val-size", "8", "--out-dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    assert "cond text" in r.stdout and "on the fly" in r.stdout
+    assert load_state(tmp_path / "latest.pt")["conditioning"]["cond"] == "text"
+
+
+def test_gpt_sigterm_then_resume_equals_uninterrupted_run(frozen, tmp_path):
+    common = ["--shards", str(frozen / "enc-unlabeled"), "--max-steps", "16", "--embed-noise", "0.2",
+              "--cond-drop", "0.3", "--val-every", "5", "--save-every", "100", "--sample-every", "0"]
+    full = run_gpt(frozen, common + ["--out-dir", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+    cmd = [sys.executable, "train_gpt.py", "--vqgan", str(frozen / "vqgan.pt"), "--clip", str(frozen / "clip.pt"),
+           "--batch-size", "8", "--no-tensorboard", "--log-every", "1", "--num-workers", "0", "--prompts", "a red circle",
+           "--warmup-steps", "2", *common, "--out-dir", str(tmp_path / "cut")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 4/16"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "received SIGTERM" in stdout
+    stopped = load_state(tmp_path / "cut" / "latest.pt")["step"]
+    assert 4 <= stopped < 16
+    resumed = run_gpt(frozen, common + ["--out-dir", str(tmp_path / "cut"), "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_state(tmp_path / "full" / "latest.pt"), load_state(tmp_path / "cut" / "latest.pt")
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_gpt_two_gloo_processes_equal_one_process(frozen, tmp_path):
+    # Per-rank seeds draw different noise and dropout than one process would: equality needs them off.
+    common = ["--shards", str(frozen / "enc-unlabeled"), "--max-steps", "4", "--embed-noise", "0",
+              "--cond-drop", "0", "--dropout", "0", "--val-every", "4", "--sample-every", "0", "--device", "cpu",
+              "--precision", "fp32"]
+    one = run_gpt(frozen, common + ["--out-dir", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    two = run_gpt(frozen, common + ["--out-dir", str(tmp_path / "two")], prefix=torchrun)
+    assert two.returncode == 0, two.stderr
+    a, b = load_state(tmp_path / "one" / "latest.pt"), load_state(tmp_path / "two" / "latest.pt")
+    diff = torch.cat([(a["model"][k] - b["model"][k]).abs().flatten() for k in a["model"]])
+    # As for the VQGAN: Adam can turn float-noise gradients into full steps for a few elements only.
+    assert (diff > 1e-5).float().mean() < 1e-2 and diff.max() < 4 * 6e-4
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--cond", "text"], "--cond text needs caption embeddings"),
+    (["--resume", "/nonexistent.pt"], "checkpoint not found"),
+])
+def test_gpt_user_errors_end_in_one_line(frozen, tmp_path, extra, needle):
+    r = run_gpt(frozen, ["--shards", str(frozen / "enc-unlabeled"), "--max-steps", "1",
+                         "--out-dir", str(tmp_path), *extra], timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert needle in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_gpt_refuses_shards_of_another_vqgan(frozen, tmp_path):
+    other = VQGANConfig(**{**TINY_VQGAN.to_dict(), "n_codes": 64})
+    torch.save({"kind": "vqgan", "config": other.to_dict(), "model": VQGAN(other).state_dict()}, tmp_path / "v.pt")
+    r = subprocess.run([sys.executable, "train_gpt.py", "--vqgan", str(tmp_path / "v.pt"), "--clip",
+                        str(frozen / "clip.pt"), "--shards", str(frozen / "enc-unlabeled"), "--max-steps", "1",
+                        "--out-dir", str(tmp_path / "o")], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "re-run preencode.py" in r.stderr.strip().splitlines()[-1]
