@@ -132,6 +132,7 @@ class CLIP(nn.Module):
         self.source = source
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.eval()  # nn.Module starts in training mode; this wrapper never is
 
     def train(self, mode: bool = True) -> "CLIP":
         return super().train(False)  # frozen: eval() always, whatever a parent module asks
