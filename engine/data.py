@@ -1,10 +1,19 @@
 """DataLoaders the trainers share: a resumable, rank-sliced training stream and a rank-sharded val set."""
 from __future__ import annotations
 
+import signal
+
 import torch
 
 from engine.distributed import DistEnv
 from engine.sampler import ResumableBatchSampler
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # A scheduler (Slurm, `timeout`) may signal the whole process group: the workers must keep serving
+    # batches while the main process finishes its step and saves, not die and crash it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def loader_options(env: DistEnv, num_workers: int) -> dict:
@@ -14,6 +23,7 @@ def loader_options(env: DistEnv, num_workers: int) -> dict:
                 generator=torch.Generator().manual_seed(env.rank))
     if num_workers > 0:
         opts["prefetch_factor"] = 4
+        opts["worker_init_fn"] = _ignore_stop_signals
     return opts
 
 

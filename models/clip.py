@@ -8,7 +8,9 @@
 
 The GPT is trained on image embeddings and sampled from text embeddings, so both must come out of the
 same space the same way: float32 and L2-normalised, whatever precision the caller runs under. Images
-arrive in the VQGAN's range [-1, 1]; CLIP's own resize and mean/std normalisation happen here, once.
+arrive in the VQGAN's range [-1, 1]; CLIP's own resize and mean/std normalisation happen here, once. The
+mean/std belong to the weights: OpenAI's for OpenAI-format and open_clip weights, the checkpoint's own for
+train_clip.py's (the Shapes CLIP maps white to 0).
 
 The end of the file holds the Shapes world's zero-shot evaluation (how well CLIP names each attribute).
 """
