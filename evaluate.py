@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument("--no-ema", action="store_true", help="use the GPT's raw weights, not its EMA (short runs)")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -62,7 +63,7 @@ def right(spec, judged, named) -> dict[str, bool]:
 
 
 def main(args) -> None:
-    pipe = TextToImage.from_paths(args.vqgan, args.gpt, args.clip, device=args.device)
+    pipe = TextToImage.from_paths(args.vqgan, args.gpt, args.clip, device=args.device, use_ema=not args.no_ema)
     named = NAMED[args.named]
     raw = {a: [] for a in (*named, "all")}
     best = {a: [] for a in (*named, "all")}

@@ -44,9 +44,10 @@ class TextToImage:
         self._amp = amp
 
     @classmethod
-    def from_paths(cls, vqgan: str, gpt: str, clip: str, device=None, precision: str = "auto") -> "TextToImage":
+    def from_paths(cls, vqgan: str, gpt: str, clip: str, device=None, precision: str = "auto",
+                   use_ema: bool = True) -> "TextToImage":
         dev = torch.device(device) if device else D.pick_device(None)
-        return cls(load_vqgan(vqgan), load_gpt(gpt), load_clip(clip, device=dev), dev, precision)
+        return cls(load_vqgan(vqgan), load_gpt(gpt, use_ema=use_ema), load_clip(clip, device=dev), dev, precision)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self._amp or torch.float32, enabled=self._amp is not None)
