@@ -163,11 +163,7 @@ def main(args) -> None:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     manager = ckpt.CheckpointManager(out)
-    resume_path = manager.resolve(args.resume)
-    state = ckpt.load(resume_path) if resume_path else None
-    if state is not None and (state.get("kind") != "clip" or "optimizer" not in state):
-        raise ckpt.CheckpointError(f"{resume_path} is a {state.get('kind', 'foreign')} checkpoint without "
-                                   "training state, not a CLIP training checkpoint")
+    state = manager.load_resume(args.resume, "clip")
     if args.batch_size % env.world_size:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by {env.world_size} processes")
     preset = state or copy.deepcopy(PRESETS[args.preset])

@@ -185,11 +185,7 @@ def main(args) -> None:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     manager = ckpt.CheckpointManager(out)
-    resume_path = manager.resolve(args.resume)
-    state = ckpt.load(resume_path) if resume_path else None
-    if state is not None and state.get("kind") != "gpt":
-        raise ckpt.CheckpointError(f"{resume_path} is a {state.get('kind', 'foreign')} checkpoint, "
-                                   "not a GPT training checkpoint")
+    state = manager.load_resume(args.resume, "gpt")
     if args.batch_size % env.world_size:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by {env.world_size} processes")
 

@@ -167,11 +167,7 @@ def main(args) -> None:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     manager = ckpt.CheckpointManager(out)
-    resume_path = manager.resolve(args.resume)
-    state = ckpt.load(resume_path) if resume_path else None
-    if state is not None and state.get("kind") != "vqgan":
-        raise ckpt.CheckpointError(f"{resume_path} is a {state.get('kind', 'foreign')} checkpoint, "
-                                   "not a VQGAN training checkpoint")
+    state = manager.load_resume(args.resume, "vqgan")
     cfg = VQGANConfig.from_dict(state["config"]) if state else model_config(args)
 
     loss_fn = VQLoss(args.pixel_loss, args.perceptual_weight, args.disc_weight, args.disc_start,

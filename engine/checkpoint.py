@@ -116,6 +116,18 @@ class CheckpointManager:
         for p in olds[: max(0, len(olds) - self.keep_last)]:
             p.unlink(missing_ok=True)
 
+    def load_resume(self, resume: str | None, kind: str) -> dict | None:
+        """The training state to continue from (--resume PATH|auto), or None; refuses a checkpoint of
+        another kind or one without optimizer state (an exported model, say)."""
+        path = self.resolve(resume)
+        if path is None:
+            return None
+        state = load(path)
+        if state.get("kind") != kind or not any(k.startswith("opt") for k in state):
+            raise CheckpointError(f"{path} is a {state.get('kind', 'foreign')} checkpoint, not a "
+                                  f"{kind.upper()} training checkpoint")
+        return state
+
     def resolve(self, resume: str | None) -> Path | None:
         """--resume auto: latest.pt in the output folder if there is one; else the given path."""
         if not resume:
