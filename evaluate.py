@@ -1,17 +1,28 @@
 """Prompt fidelity on the Shapes world: do text prompts give images with the attributes they name?
 
-    python evaluate.py --vqgan V --gpt G --clip C --prompts 100 --samples 16
+    python evaluate.py --vqgan V --gpt G --clip C --prompts 200 --samples 16
 
 For each of --prompts prompts (attribute combinations drawn from the test seed, written with varied
-templates), samples --samples images through the same pipeline demo.py uses and judges each image from
-its pixels (datasets/shapes_judge.py). Reports the share of raw samples whose named attributes are all
-right (and per attribute), the same after CLIP re-ranking (the best of each prompt's samples), and the
-mean CLIP score; Markdown on stdout, JSON with --json.
+templates; --named says which attributes they name), samples --samples images through the same pipeline
+demo.py uses and judges each image from its pixels (datasets/shapes_judge.py). Reports:
+
+- prompt fidelity: the share of raw samples whose named attributes are all right (and per attribute), and
+  the same after CLIP re-ranking (the best of each prompt's samples);
+- CLIP score: cosine similarity of the CLIP image embedding to the text embedding (raw mean, kept mean);
+- diversity of the attributes a prompt leaves unnamed: distinct values over each prompt's raw samples
+  (mean and minimum over prompts) and their normalised entropy;
+- Fréchet distance between the CLIP image embeddings of all raw samples and of as many held-out real
+  renders (--fd-real), and, with --fid (needs torch-fidelity and its Inception weights), FID.
+
+--cond-source image conditions on the CLIP image embedding of a render of each prompt's attributes instead
+of the text (the GPT's fidelity without the text-image gap: a diagnostic). Markdown on stdout, JSON with
+--json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import numpy as np
@@ -19,10 +30,14 @@ import torch
 
 from datasets import shapes
 from datasets.shapes_judge import judge
-from engine.cli import run
+from engine.cli import UsageError, run
 from models.pipeline import TextToImage
 
-NAMED = {"all": ("color", "shape", "size", "position"), "color+shape": ("color", "shape")}
+NAMED = {"all": ("color", "shape", "size", "position"), "color+shape": ("color", "shape"),
+         "color+shape+size": ("color", "shape", "size"), "color+shape+position": ("color", "shape", "position")}
+N_VALUES = {"color": len(shapes.COLORS), "shape": len(shapes.SHAPES), "size": len(shapes.SIZES),
+            "position": len(shapes.ROWS) * len(shapes.COLS)}
+REAL_OFFSET = 1_000_000  # held-out real renders: test-split indices far from the prompts'
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,18 +45,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vqgan", required=True)
     p.add_argument("--gpt", required=True)
     p.add_argument("--clip", required=True)
-    p.add_argument("--prompts", type=int, default=100, help="number of prompts")
+    p.add_argument("--prompts", type=int, default=200, help="number of prompts")
     p.add_argument("--samples", type=int, default=16, help="samples per prompt (the re-ranking candidates)")
     p.add_argument("--named", choices=sorted(NAMED), default="all", help="attributes each prompt names")
+    p.add_argument("--cond-source", choices=["text", "image"], default="text",
+                   help="text: the prompt's CLIP text embedding; image: a render's CLIP image embedding")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128, help="images sampled at once (several prompts)")
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--no-ema", action="store_true", help="use the GPT's raw weights, not its EMA (short runs)")
+    p.add_argument("--fd-real", type=int, default=None,
+                   help="held-out real renders for the Fréchet distance (default: as many as samples; 0 = skip)")
+    p.add_argument("--fid", action="store_true", help="also Inception FID through torch-fidelity")
     p.add_argument("--json", default=None, help="also write the results here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("prompts", "samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    return args
 
 
 def prompt_specs(n: int, named: tuple, seed: int):
@@ -62,41 +88,151 @@ def right(spec, judged, named) -> dict[str, bool]:
     return res
 
 
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + tr(Ca + Cb - 2 (Ca Cb)^1/2) between two sets of feature rows, in float64.
+    tr((Ca Cb)^1/2) is the sum of the square roots of the eigenvalues of Ca^1/2 Cb Ca^1/2 (symmetric PSD)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(ca)
+    sqrt_ca = (v * w.clamp(min=0).sqrt()) @ v.T
+    mid = torch.linalg.eigvalsh(sqrt_ca @ cb @ sqrt_ca).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + ca.trace() + cb.trace() - 2 * mid)
+
+
+def diversity(judged: list, attr: str) -> tuple[int, float]:
+    """(distinct values, normalised entropy) of one attribute over the judged samples that show an object."""
+    if attr == "position":
+        vals = [j.row * len(shapes.COLS) + j.col for j in judged if j.found]
+    else:
+        vals = [getattr(j, attr) for j in judged if j.found]
+    if not vals:
+        return 0, 0.0
+    counts = np.bincount(vals, minlength=N_VALUES[attr])
+    p = counts[counts > 0] / counts.sum()
+    return int((counts > 0).sum()), float(-(p * np.log(p)).sum() / math.log(N_VALUES[attr]))
+
+
+def _render_batch(specs) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.asarray(shapes.render(s), dtype=np.float32)).permute(2, 0, 1)
+                        for s in specs]) / 127.5 - 1
+
+
+def inception_fid(fake: torch.Tensor, real: torch.Tensor) -> float:
+    """FID between two image sets in [-1, 1] through torch-fidelity (Inception weights must be available)."""
+    try:
+        import torch_fidelity
+    except ImportError:
+        raise UsageError("--fid needs torch-fidelity (pip install torch-fidelity) and its Inception weights") \
+            from None
+
+    class _Images(torch.utils.data.Dataset):
+        def __init__(self, x):
+            self.x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    try:
+        m = torch_fidelity.calculate_metrics(input1=_Images(fake), input2=_Images(real), fid=True, verbose=False)
+    except Exception as e:  # no weights and no internet, most often
+        raise UsageError(f"--fid: torch-fidelity failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
+            from None
+    return float(m["frechet_inception_distance"])
+
+
 def main(args) -> None:
-    pipe = TextToImage.from_paths(args.vqgan, args.gpt, args.clip, device=args.device, use_ema=not args.no_ema)
+    pipe = TextToImage.from_paths(args.vqgan, args.gpt, args.clip, device=args.device, precision=args.precision,
+                                  use_ema=not args.no_ema)
     named = NAMED[args.named]
+    unnamed = [a for a in shapes.ATTRIBUTES if a not in named]
+    specs = prompt_specs(args.prompts, named, args.seed)
     raw = {a: [] for a in (*named, "all")}
     best = {a: [] for a in (*named, "all")}
-    clip_scores = []
+    div = {a: [] for a in unnamed}
+    clip_raw, clip_best, fake_feats, fake_images = [], [], [], []
+    per_batch = max(1, args.batch_size // args.samples)   # prompts sampled together
     t0 = time.time()
-    for i, (spec, prompt) in enumerate(prompt_specs(args.prompts, named, args.seed)):
-        gen = pipe(prompt, n_candidates=args.samples, rerank=True, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, cfg_scale=args.cfg_scale, seed=args.seed * 100_003 + i)
-        verdicts = [right(spec, judge(img), named) for img in gen.images]   # sorted best first
-        for a in named:
-            raw[a] += [v[a] for v in verdicts]
-            best[a].append(verdicts[0][a])
-        raw["all"] += [all(v.values()) for v in verdicts]
-        best["all"].append(all(verdicts[0].values()))
-        clip_scores += gen.scores.tolist()
+    for start in range(0, len(specs), per_batch):
+        chunk = specs[start:start + per_batch]
+        text = pipe.clip.encode_text([p for _, p in chunk])
+        cond = pipe.clip.encode_image(_render_batch([s for s, _ in chunk]).to(pipe.device)) \
+            if args.cond_source == "image" else text
+        images, _ = pipe.sample_conds(cond.repeat_interleave(args.samples, 0), temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
+                                      seed=args.seed * 100_003 + start, batch_size=args.batch_size)
+        feats = pipe.clip.encode_image(images)
+        fake_feats.append(feats.cpu())
+        if args.fid:
+            fake_images.append(images.cpu())
+        for k, (spec, _) in enumerate(chunk):
+            rows = slice(k * args.samples, (k + 1) * args.samples)
+            scores = feats[rows] @ text[k]          # re-ranking is always by the text, as demo.py does
+            judged = [judge(img) for img in images[rows]]
+            verdicts = [right(spec, j, named) for j in judged]
+            top = int(scores.argmax())
+            for a in named:
+                raw[a] += [v[a] for v in verdicts]
+                best[a].append(verdicts[top][a])
+            raw["all"] += [all(v.values()) for v in verdicts]
+            best["all"].append(all(verdicts[top].values()))
+            clip_raw += scores.tolist()
+            clip_best.append(float(scores[top]))
+            for a in unnamed:
+                div[a].append(diversity(judged, a))
+    seconds = time.time() - t0
     result = {
         "prompts": args.prompts, "samples_per_prompt": args.samples, "named": list(named),
-        "cfg_scale": args.cfg_scale, "top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature,
+        "cond_source": args.cond_source, "cfg_scale": args.cfg_scale, "top_k": args.top_k, "top_p": args.top_p,
+        "temperature": args.temperature, "seed": args.seed, "ema": not args.no_ema,
         "raw": {a: float(np.mean(v)) for a, v in raw.items()},
         "reranked": {a: float(np.mean(v)) for a, v in best.items()},
-        "clip_score": float(np.mean(clip_scores)), "seconds": time.time() - t0,
-        "gpt": args.gpt, "vqgan": args.vqgan, "clip": args.clip,
+        "clip_score": {"raw": float(np.mean(clip_raw)), "reranked": float(np.mean(clip_best))},
+        "diversity": {a: {"distinct_mean": float(np.mean([d for d, _ in v])), "distinct_min": int(min(d for d, _ in v)),
+                          "of": N_VALUES[a], "entropy": float(np.mean([e for _, e in v]))} for a, v in div.items()},
+        "sampling_seconds": seconds, "gpt": args.gpt, "vqgan": args.vqgan, "clip": args.clip,
     }
-    cols = (*named, "all")
-    print(f"| | {' | '.join(cols)} |\n|---|{'---|' * len(cols)}")
-    for name in ("raw", f"reranked (best of {args.samples})"):
-        key = "raw" if name == "raw" else "reranked"
-        print(f"| {name} | " + " | ".join(f"{result[key][c]:.1%}" for c in cols) + " |")
-    print(f"\nCLIP score {result['clip_score']:.3f}; {args.prompts} prompts x {args.samples} samples in "
-          f"{result['seconds']:.0f} s")
+    n_real = len(clip_raw) if args.fd_real is None else args.fd_real
+    if n_real > 1:
+        real = _real_images(n_real)
+        real_feats = torch.cat([pipe.clip.encode_image(r.to(pipe.device)).cpu() for r in real.split(256)])
+        result["clip_fd"] = frechet_distance(torch.cat(fake_feats), real_feats)
+        result["clip_fd_real_images"] = n_real
+        if args.fid:
+            result["fid"] = inception_fid(torch.cat(fake_images), real)
+    print(markdown(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def _real_images(n: int) -> torch.Tensor:
+    seed = shapes.SPLIT_SEEDS["test"]
+    return torch.cat([_render_batch([shapes.sample_attributes(seed, REAL_OFFSET + i)
+                                     for i in range(s, min(n, s + 256))]) for s in range(0, n, 256)])
+
+
+def markdown(r: dict) -> str:
+    named = r["named"]
+    cols = (*named, "all")
+    lines = [f"| | {' | '.join(cols)} | CLIP score |", f"|---|{'---|' * (len(cols) + 1)}"]
+    for name, key in (("raw", "raw"), (f"reranked (best of {r['samples_per_prompt']})", "reranked")):
+        lines.append(f"| {name} | " + " | ".join(f"{r[key][c]:.1%}" for c in cols)
+                     + f" | {r['clip_score'][key]:.3f} |")
+    lines.append("")
+    for a, d in r["diversity"].items():
+        lines.append(f"unnamed {a}: {d['distinct_mean']:.2f} of {d['of']} values per prompt on average "
+                     f"(min {d['distinct_min']}), normalised entropy {d['entropy']:.2f}")
+    if "clip_fd" in r:
+        lines.append(f"Fréchet distance in CLIP space to {r['clip_fd_real_images']} real images: {r['clip_fd']:.4f}")
+    if "fid" in r:
+        lines.append(f"FID (Inception): {r['fid']:.2f}")
+    lines.append(f"{r['prompts']} prompts x {r['samples_per_prompt']} samples ({r['cond_source']} condition, "
+                 f"guidance {r['cfg_scale']}) in {r['sampling_seconds']:.0f} s")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -135,3 +135,63 @@ class CheckpointManager:
         if resume == "auto":
             return self.latest if self.latest.is_file() else None
         return Path(resume)
+
+
+# ------------------------------------------------------------------------------------------ weights files
+# Inference-only files (what pretrained/ ships): one safetensors file, the weights (half precision by
+# default) and, as JSON in its metadata, the checkpoint's `kind`, its model config and any small extras
+# (a CLIP's preprocessing, a GPT's conditioning options). No optimizer, no RNG, no pickle.
+
+def save_weights(path: str | os.PathLike, kind: str, config: dict, state_dict: dict, *, extra: dict | None = None,
+                 dtype: torch.dtype | None = torch.float16) -> None:
+    """Write `state_dict` (floating tensors cast to `dtype`; None keeps them) atomically as safetensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in state_dict.items()}
+    meta = {"kind": kind, "config": json.dumps(config), "extra": json.dumps(extra or {}),
+            "format": "clipgen-open weights v1"}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_weights(path: str | os.PathLike, map_location="cpu") -> dict:
+    """{'kind', 'config', 'model', **extra} from a save_weights file; CheckpointError (one line) otherwise."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path), device=device)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as safetensors ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    if "config" not in meta:
+        raise CheckpointError(f"{path}: safetensors file has no 'config' metadata; write it with "
+                              "export.py (or engine.checkpoint.save_weights)")
+    try:
+        out = {**json.loads(meta.get("extra", "{}")), "kind": meta.get("kind"), "config": json.loads(meta["config"]),
+               "model": tensors}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: unreadable metadata ({e})") from None
+    return out

@@ -249,7 +249,13 @@ def from_file(path: str | os.PathLike) -> CLIP:
             f"{path} is a TorchScript archive (OpenAI's JIT release), which is code, not data; convert it once, "
             f"where you trust it, to a state dict: torch.save(torch.jit.load(path, map_location='cpu')"
             f".state_dict(), 'clip_state_dict.pt'), then load that")
-    state = ckpt.load(path)
+    if path.suffix == ".safetensors":  # export.py's weights file: {'kind', 'config', 'model', 'preprocess'}
+        w = ckpt.read_weights(path)
+        state = {"kind": w["kind"], "open_clip_config": w["config"], "model": w["model"]}
+        if "preprocess" in w:
+            state["preprocess"] = w["preprocess"]
+    else:
+        state = ckpt.load(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a CLIP checkpoint or state dict")
     if "kind" in state:

@@ -19,7 +19,6 @@ codes were trained.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -33,6 +32,7 @@ CLIPGEN_NORM_EPS = 1e-5     # CLIP-GEN: nn.GroupNorm's default; on its fixture 1
 _OWN_BUFFERS = ("quantize.usage", "quantize.n_updates")  # ours only: filled from a fresh model
 
 
+from engine import checkpoint as ckpt  # noqa: E402
 from engine.checkpoint import CheckpointError  # noqa: E402  (one error type for every checkpoint problem)
 
 
@@ -272,17 +272,9 @@ def _read(path: Path, map_location) -> dict:
 
 
 def _read_safetensors(path: Path, map_location) -> dict:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "config" not in meta:
-        raise CheckpointError(f"{path}: safetensors file has no 'config' metadata; export it with "
-                              "metadata {'kind': 'vqgan', 'config': json.dumps(cfg.to_dict())}")
-    return {"kind": meta.get("kind", "vqgan"), "config": json.loads(meta["config"]),
-            "model": load_file(str(path), device=device)}
+    obj = ckpt.read_weights(path, map_location)
+    obj["kind"] = obj.get("kind") or "vqgan"
+    return obj
 
 
 def load_vqgan(path: str | os.PathLike, *, use_ema: bool = True, resolution: int | None = None,

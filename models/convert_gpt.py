@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from engine import checkpoint as ckpt
 from engine.checkpoint import CheckpointError
 from models.gpt import GPT, GPTConfig
 
@@ -135,7 +136,9 @@ def load_state(model: GPT, state_dict: dict, *, assign: bool = False) -> GPT:
 
 def _read(path: Path, map_location) -> dict:
     if not path.is_file():
-        raise CheckpointError(f"GPT checkpoint not found: {path}; pass the path of a gpt .pt file")
+        raise CheckpointError(f"GPT checkpoint not found: {path}; pass the path of a gpt .pt or .safetensors file")
+    if path.suffix == ".safetensors":
+        return ckpt.read_weights(path, map_location)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, foreign or not a checkpoint at all: say which file, not a traceback

@@ -53,22 +53,28 @@ class TextToImage:
         return torch.autocast(self.device.type, dtype=self._amp or torch.float32, enabled=self._amp is not None)
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, n: int, *, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, cfg_scale: float = 1.0, seed: int = 0,
-               batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """n candidates for one condition (D,) -> (images (n, 3, H, W), tokens (n, h, w))."""
+    def sample_conds(self, conds: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None, cfg_scale: float = 1.0, seed: int = 0,
+                     batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image per row of conds (B, D) -> (images (B, 3, H, W) in [-1, 1], tokens (B, h, w)); rows are
+        sampled batch_size at a time from one seeded generator."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         side = self.vqgan.cfg.grid_size
+        conds = conds.float().to(self.device)
         images, tokens = [], []
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
+        for start in range(0, len(conds), batch_size):
+            c = conds[start:start + batch_size]
             with self._autocast():
-                t = self.gpt.sample(cond.to(self.device).expand(b, -1), temperature=temperature, top_k=top_k,
-                                    top_p=top_p, cfg_scale=cfg_scale, generator=g)
-                x = self.vqgan.decode_indices(t.view(b, side, side))
+                t = self.gpt.sample(c, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                                    generator=g)
+                x = self.vqgan.decode_indices(t.view(len(c), side, side))
             images.append(x.float().clamp(-1, 1))
-            tokens.append(t.view(b, side, side))
+            tokens.append(t.view(len(c), side, side))
         return torch.cat(images), torch.cat(tokens)
+
+    def sample(self, cond: torch.Tensor, n: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """n candidates for one condition (D,) -> (images (n, 3, H, W), tokens (n, h, w))."""
+        return self.sample_conds(cond.float().view(1, -1).expand(n, -1), **kw)
 
     @torch.no_grad()
     def generate(self, cond: torch.Tensor, n_candidates: int = 16, keep: int | None = None,

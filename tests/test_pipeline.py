@@ -63,3 +63,46 @@ def test_evaluate_cli_writes_markdown_and_json(paths, tmp_path):
     assert set(res["raw"]) == {"color", "shape", "size", "position", "all"}
     assert all(0.0 <= v <= 1.0 for v in res["raw"].values())
     assert res["reranked"]["all"] >= 0.0 and res["prompts"] == 3
+    assert res["clip_score"]["reranked"] >= res["clip_score"]["raw"]  # the kept sample is the best-scoring one
+    assert res["clip_fd"] >= 0 and res["clip_fd_real_images"] == 12
+    assert res["diversity"] == {}  # every attribute named
+
+
+def test_evaluate_color_shape_prompts_report_unnamed_diversity(paths, tmp_path):
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "evaluate.py", "--vqgan", paths["vqgan"], "--gpt", paths["gpt"],
+                        "--clip", paths["clip"], "--prompts", "2", "--samples", "3", "--named", "color+shape",
+                        "--cond-source", "image", "--fd-real", "0", "--device", "cpu", "--json", str(out)],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert set(res["diversity"]) == {"size", "position"} and res["diversity"]["position"]["of"] == 9
+    assert 0 <= res["diversity"]["position"]["distinct_min"] <= 3 and "clip_fd" not in res
+    assert "unnamed position" in r.stdout and res["cond_source"] == "image"
+
+
+def test_exported_weights_load_everywhere_and_give_the_same_images(paths, tmp_path):
+    from export import export
+
+    ref = TextToImage.from_paths(paths["vqgan"], paths["gpt"], paths["clip"], device="cpu")
+    out = {}
+    for kind in ("vqgan", "gpt", "clip"):
+        out[kind] = str(tmp_path / f"{kind}.safetensors")
+        info = export(paths[kind], out[kind], dtype=torch.float32)
+        assert info["kind"] == kind
+    pipe = TextToImage.from_paths(out["vqgan"], out["gpt"], out["clip"], device="cpu")
+    a = ref("a red circle", n_candidates=4, seed=3)
+    b = pipe("a red circle", n_candidates=4, seed=3)
+    assert torch.equal(a.tokens, b.tokens) and torch.allclose(a.images, b.images, atol=1e-6)
+    assert torch.allclose(a.scores, b.scores, atol=1e-6)
+    half = tmp_path / "gpt16.safetensors"
+    export(paths["gpt"], half)  # fp16 by default: about half the bytes
+    assert half.stat().st_size < 0.6 * (tmp_path / "gpt.safetensors").stat().st_size
+
+
+def test_export_refuses_what_is_not_a_checkpoint(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "x.pt")
+    r = subprocess.run([sys.executable, "export.py", str(tmp_path / "x.pt"), str(tmp_path / "x.safetensors")],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()
