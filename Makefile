@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all demo venv clean
+.PHONY: test test-all demo shapes venv clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 	$(PY) train_vqgan.py --preset shapes --batch-size 32 --max-steps 300 --val-every 300 --val-batches 4 \
 		--out-dir runs/demo --no-tensorboard
 	@echo "reconstruction grid (top: input, bottom: reconstruction): runs/demo/recon.png"
+
+# Reproduce pretrained/shapes/ from nothing (CLIP, VQGAN, pre-encoding, GPT, export, evaluation); see README.
+shapes: $(STAMP)
+	PY=$(PY) bash scripts/shapes.sh
 
 clean:
 	rm -rf runs .pytest_cache

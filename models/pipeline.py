@@ -4,15 +4,28 @@
     result = pipe("a red circle in the top left", n_candidates=16, keep=4, seed=0)
     result.images   # (keep, 3, H, W) in [-1, 1], best first;  result.scores: CLIP similarity to the text
 
+    pipe = TextToImage.from_folder("pretrained/shapes")   # vqgan/gpt/clip.safetensors from one folder
+    pipe("a red circle", n_candidates=16, keep=4, seed=0).save("sample.png")   # grid + sample_0.png, ...
+    pipe.variations("picture.png", keep=4)                # condition on a picture's CLIP image embedding
+    pipe.interpolate("a red circle", "a blue square", steps=8)   # one image per step, same seed each
+
 evaluate.py and demo.py both sample through this class.
 """
 from __future__ import annotations
 
+import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from engine import distributed as D
+from engine.checkpoint import CheckpointError
 from models.clip import CLIP, load_clip
 from models.convert import load_vqgan
 from models.convert_gpt import load_gpt
@@ -26,8 +39,14 @@ class Generation:
     scores: torch.Tensor   # (K,) cosine similarity between each image's CLIP embedding and the condition
     tokens: torch.Tensor   # (K, h, w)
 
+    def save(self, path: str | os.PathLike, ncol: int | None = None, padding: int = 2) -> list[Path]:
+        """The images as one grid PNG at `path` and each beside it (see save_images); returns the paths."""
+        return save_images(self.images, path, ncol=ncol, padding=padding)
+
 
 class TextToImage:
+    STAGES = ("vqgan", "gpt", "clip")  # from_folder reads <stage>.safetensors
+
     def __init__(self, vqgan: VQGAN, gpt: GPT, clip: CLIP, device: torch.device | str | None = None,
                  precision: str = "auto"):
         self.device = torch.device(device) if device else D.pick_device(None)
@@ -44,6 +63,26 @@ class TextToImage:
         self._amp = amp
 
     @classmethod
+    def from_folder(cls, folder: str | os.PathLike, device=None, precision: str = "auto",
+                    use_ema: bool = True) -> "TextToImage":
+        """The three stages from vqgan.safetensors, gpt.safetensors and clip.safetensors in `folder` (what
+        export.py writes and pretrained/shapes/ ships). CheckpointError names a missing file, or says the
+        three do not fit together."""
+        folder = Path(folder)
+        paths = {k: folder / f"{k}.safetensors" for k in cls.STAGES}
+        for kind, path in paths.items():
+            if not path.is_file():
+                raise CheckpointError(f"{folder} has no {path.name} (the {kind.upper()} weights); write it with "
+                                      f"export.py, or run `make shapes` for pretrained/shapes/")
+        try:
+            return cls.from_paths(str(paths["vqgan"]), str(paths["gpt"]), str(paths["clip"]), device, precision,
+                                  use_ema)
+        except CheckpointError:
+            raise
+        except ValueError as e:  # the stages' sizes do not match
+            raise CheckpointError(f"the weights in {folder} do not belong together: {e}") from None
+
+    @classmethod
     def from_paths(cls, vqgan: str, gpt: str, clip: str, device=None, precision: str = "auto",
                    use_ema: bool = True) -> "TextToImage":
         dev = torch.device(device) if device else D.pick_device(None)
@@ -55,21 +94,25 @@ class TextToImage:
     @torch.no_grad()
     def sample_conds(self, conds: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
                      top_p: float | None = None, cfg_scale: float = 1.0, seed: int = 0,
-                     batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                     batch_size: int = 64,
+                     progress: Callable[[float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One image per row of conds (B, D) -> (images (B, 3, H, W) in [-1, 1], tokens (B, h, w)); rows are
-        sampled batch_size at a time from one seeded generator."""
+        sampled batch_size at a time from one seeded generator. `progress(rows_done)` is called as tokens
+        are drawn (fractions of rows: a row is done when all its tokens are)."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         side = self.vqgan.cfg.grid_size
         conds = conds.float().to(self.device)
         images, tokens = [], []
         for start in range(0, len(conds), batch_size):
             c = conds[start:start + batch_size]
-            with self._autocast():
+            with self._autocast(), _token_progress(self.gpt, progress, start, len(c)):
                 t = self.gpt.sample(c, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                                     generator=g)
                 x = self.vqgan.decode_indices(t.view(len(c), side, side))
             images.append(x.float().clamp(-1, 1))
             tokens.append(t.view(len(c), side, side))
+            if progress is not None:
+                progress(float(start + len(c)))
         return torch.cat(images), torch.cat(tokens)
 
     def sample(self, cond: torch.Tensor, n: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,3 +133,139 @@ class TextToImage:
 
     def __call__(self, prompt: str, n_candidates: int = 16, keep: int | None = None, **kw) -> Generation:
         return self.generate(self.clip.encode_text([prompt])[0], n_candidates, keep, **kw)
+
+    # ------------------------------------------------------------------------------ other conditions
+
+    def image_condition(self, picture) -> torch.Tensor:
+        """The CLIP image embedding (D,) of a picture (a path or a PIL image), seen as the VQGAN sees its
+        training images: RGB (transparency over white), centre-cropped square, resized to its resolution."""
+        x = load_picture(picture, self.vqgan.cfg.resolution)
+        return self.clip.encode_image(x.to(self.device))[0]
+
+    def variations(self, picture, n_candidates: int = 16, keep: int | None = None, **kw) -> Generation:
+        """Images like `picture`: its CLIP image embedding as the condition (scores: similarity to it)."""
+        return self.generate(self.image_condition(picture), n_candidates, keep, **kw)
+
+    @torch.no_grad()
+    def interpolate(self, a: str | torch.Tensor, b: str | torch.Tensor, steps: int = 8, mode: str = "slerp",
+                    seed: int = 0, progress: Callable[[float], None] | None = None, **sample_kw) -> Generation:
+        """One image per step from condition a to condition b (texts or (D,) embeddings), each step drawn
+        with the same seed so only the condition changes; in step order, scores: similarity to each
+        step's own condition. mode: slerp (great circle) or lerp (normalised straight line)."""
+        if steps < 2:
+            raise ValueError("an interpolation needs at least 2 steps")
+        a, b = (self.clip.encode_text([x])[0] if isinstance(x, str) else x.float().view(-1).to(self.device)
+                for x in (a, b))
+        conds = torch.stack([blend(a, b, i / (steps - 1), mode) for i in range(steps)])
+        images, tokens = [], []
+        for i, c in enumerate(conds):
+            step_progress = None if progress is None else (lambda done, i=i: progress(i + done))
+            x, t = self.sample_conds(c.view(1, -1), seed=seed, progress=step_progress, **sample_kw)
+            images.append(x)
+            tokens.append(t)
+        images = torch.cat(images)
+        scores = (self.clip.encode_image(images) * conds).sum(-1)
+        return Generation(images, scores, torch.cat(tokens))
+
+
+@contextmanager
+def _token_progress(gpt: GPT, report: Callable[[float], None] | None, start: int, rows: int):
+    """While a batch of `rows` (rows start.. of the whole) is sampled, report start + rows * (tokens drawn /
+    tokens) after each GPT step: one forward per token, seen through a forward hook."""
+    if report is None:
+        yield
+        return
+    n, calls = max(1, gpt.cfg.n_tokens), [0]
+
+    def hook(*_):
+        calls[0] += 1
+        report(start + rows * min(calls[0], n) / n)
+
+    handle = gpt.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def blend(a: torch.Tensor, b: torch.Tensor, t: float, mode: str = "slerp") -> torch.Tensor:
+    """The unit vector a fraction t of the way from a to b (both (D,), normalised here): slerp follows the
+    great circle at constant speed, lerp the straight line, renormalised."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    if mode == "lerp":
+        return F.normalize(torch.lerp(a, b, t), dim=-1)
+    if mode != "slerp":
+        raise ValueError(f"unknown interpolation mode {mode!r}; choose slerp or lerp")
+    omega = math.acos(max(-1.0, min(1.0, float(a @ b))))
+    if omega < 1e-4:  # (nearly) the same direction: the straight line is the arc
+        return F.normalize(torch.lerp(a, b, t), dim=-1)
+    return F.normalize((math.sin((1 - t) * omega) * a + math.sin(t * omega) * b) / math.sin(omega), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------ pictures
+
+def load_picture(picture, size: int) -> torch.Tensor:
+    """A path or PIL image -> (1, 3, size, size) in [-1, 1]: RGB (transparent parts over white), the
+    centred square crop, resized with bicubic filtering. OSError (PIL's UnidentifiedImageError is one)
+    when the file cannot be read as a picture."""
+    from PIL import Image
+
+    img = picture if isinstance(picture, Image.Image) else Image.open(picture)
+    img.load()
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    img = img.convert("RGB")
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.tensor(np.asarray(img))  # (size, size, 3) uint8
+    return (x.permute(2, 0, 1).float() / 127.5 - 1).unsqueeze(0)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) (or one (3, H, W)) in [-1, 1] -> list of 8-bit RGB PIL images."""
+    from PIL import Image
+
+    x = images.detach().float().cpu()
+    x = x.unsqueeze(0) if x.dim() == 3 else x
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    return [Image.fromarray(a) for a in x]
+
+
+def image_grid(images: torch.Tensor, ncol: int | None = None, padding: int = 2,
+               pad_value: float = 1.0) -> torch.Tensor:
+    """(B, 3, H, W) -> one (3, H', W') image: rows of ncol (default min(B, 8)) images, `padding` pixels of
+    pad_value (white) around and between them."""
+    b, c, h, w = images.shape
+    ncol = max(1, min(ncol or min(b, 8), b))
+    nrow = math.ceil(b / ncol)
+    out = images.new_full((c, nrow * (h + padding) + padding, ncol * (w + padding) + padding), pad_value)
+    for i, x in enumerate(images):
+        r, k = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + k * (w + padding)
+        out[:, top:top + h, left:left + w] = x
+    return out
+
+
+def numbered(path: str | os.PathLike, i: int | str) -> Path:
+    """sample.png, 3 -> sample_3.png (beside it)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_{i}{path.suffix}")
+
+
+def save_images(images: torch.Tensor, path: str | os.PathLike, ncol: int | None = None, padding: int = 2,
+                individual: bool = True) -> list[Path]:
+    """(B, 3, H, W) in [-1, 1] -> the grid at `path` (see image_grid; the format from its suffix) and, if
+    `individual`, image i at <stem>_<i><suffix> beside it. Returns [grid, image 0, image 1, ...]."""
+    path = Path(path)
+    grid = image_grid(images.detach().float().cpu(), ncol, padding)
+    to_pil(grid)[0].save(path)
+    out = [path]
+    if individual:
+        for i, img in enumerate(to_pil(images)):
+            img.save(numbered(path, i))
+            out.append(numbered(path, i))
+    return out
