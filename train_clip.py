@@ -152,7 +152,7 @@ def checkpoint_state(raw, ema, opt, config, preprocess, step, epoch, args, best,
              "model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
              "best_min_accuracy": best, "metrics": metrics, "rng": rngs, "train_args": vars(args)}
     if ema is not None:
-        state["ema"] = ema.state_dict()
+        state["ema"], state["ema_updates"] = ema.state_dict(), ema.updates
     return state
 
 
@@ -177,7 +177,7 @@ def main(args) -> None:
         raw.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
+            ema.load_state_dict(state["ema"], state.get("ema_updates", state["step"]))
         step, best, metrics = state["step"], state["best_min_accuracy"], state["metrics"]
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])

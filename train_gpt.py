@@ -214,7 +214,7 @@ def main(args) -> None:
         raw.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
+            ema.load_state_dict(state["ema"], state.get("ema_updates", state["step"]))
         step, best, nonfinite_total = state["step"], state["best_val_loss"], state["nonfinite_steps"]
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
@@ -299,7 +299,7 @@ def main(args) -> None:
                                           "vqgan": str(args.vqgan)},
                          "train_args": vars(args)}
                 if ema is not None:
-                    state["ema"] = ema.state_dict()
+                    state["ema"], state["ema_updates"] = ema.state_dict(), ema.updates
                 manager.save(state, step, periodic=args.keep_every > 0 and step % args.keep_every == 0,
                              best=is_best)
             D.barrier()

@@ -156,7 +156,7 @@ def checkpoint_state(raw, disc, ema, opt_g, opt_d, scaler, step, epoch, args, be
              "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "best_psnr": best,
              "skipped_images": skipped, "rng": rngs, "train_args": vars(args)}
     if ema is not None:
-        state["ema"] = ema.state_dict()
+        state["ema"], state["ema_updates"] = ema.state_dict(), ema.updates
     return state
 
 
@@ -187,7 +187,7 @@ def main(args) -> None:
         opt_d.load_state_dict(state["opt_d"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
+            ema.load_state_dict(state["ema"], state.get("ema_updates", state["step"]))
         step, best, skipped = state["step"], state["best_psnr"], state["skipped_images"]
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
