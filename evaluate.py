@@ -105,7 +105,7 @@ def diversity(judged: list, attr: str) -> tuple[int, float]:
     if attr == "position":
         vals = [j.row * len(shapes.COLS) + j.col for j in judged if j.found]
     else:
-        vals = [getattr(j, attr) for j in judged if j.found]
+        vals = [getattr(j, attr) for j in judged if j.found and getattr(j, attr) >= 0]
     if not vals:
         return 0, 0.0
     counts = np.bincount(vals, minlength=N_VALUES[attr])
@@ -118,13 +118,18 @@ def _render_batch(specs) -> torch.Tensor:
                         for s in specs]) / 127.5 - 1
 
 
-def inception_fid(fake: torch.Tensor, real: torch.Tensor) -> float:
-    """FID between two image sets in [-1, 1] through torch-fidelity (Inception weights must be available)."""
+def _torch_fidelity():
     try:
         import torch_fidelity
     except ImportError:
         raise UsageError("--fid needs torch-fidelity (pip install torch-fidelity) and its Inception weights") \
             from None
+    return torch_fidelity
+
+
+def inception_fid(fake: torch.Tensor, real: torch.Tensor) -> float:
+    """FID between two image sets in [-1, 1] through torch-fidelity (Inception weights must be available)."""
+    torch_fidelity = _torch_fidelity()
 
     class _Images(torch.utils.data.Dataset):
         def __init__(self, x):
@@ -145,6 +150,8 @@ def inception_fid(fake: torch.Tensor, real: torch.Tensor) -> float:
 
 
 def main(args) -> None:
+    if args.fid:
+        _torch_fidelity()  # before any sampling: a missing package is a one-line error, not a lost run
     pipe = TextToImage.from_paths(args.vqgan, args.gpt, args.clip, device=args.device, precision=args.precision,
                                   use_ema=not args.no_ema)
     named = NAMED[args.named]
@@ -153,14 +160,15 @@ def main(args) -> None:
     raw = {a: [] for a in (*named, "all")}
     best = {a: [] for a in (*named, "all")}
     div = {a: [] for a in unnamed}
-    clip_raw, clip_best, fake_feats, fake_images = [], [], [], []
+    clip_raw, clip_best, fake_feats, fake_images, gap = [], [], [], [], []
     per_batch = max(1, args.batch_size // args.samples)   # prompts sampled together
     t0 = time.time()
     for start in range(0, len(specs), per_batch):
         chunk = specs[start:start + per_batch]
         text = pipe.clip.encode_text([p for _, p in chunk])
-        cond = pipe.clip.encode_image(_render_batch([s for s, _ in chunk]).to(pipe.device)) \
-            if args.cond_source == "image" else text
+        rendered = pipe.clip.encode_image(_render_batch([s for s, _ in chunk]).to(pipe.device))
+        gap += (text * rendered).sum(-1).tolist()    # how close the text lands to its scene's image embedding
+        cond = rendered if args.cond_source == "image" else text
         images, _ = pipe.sample_conds(cond.repeat_interleave(args.samples, 0), temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
                                       seed=args.seed * 100_003 + start, batch_size=args.batch_size)
@@ -191,6 +199,7 @@ def main(args) -> None:
         "raw": {a: float(np.mean(v)) for a, v in raw.items()},
         "reranked": {a: float(np.mean(v)) for a, v in best.items()},
         "clip_score": {"raw": float(np.mean(clip_raw)), "reranked": float(np.mean(clip_best))},
+        "text_image_cosine": float(np.mean(gap)),
         "diversity": {a: {"distinct_mean": float(np.mean([d for d, _ in v])), "distinct_min": int(min(d for d, _ in v)),
                           "of": N_VALUES[a], "entropy": float(np.mean([e for _, e in v]))} for a, v in div.items()},
         "sampling_seconds": seconds, "gpt": args.gpt, "vqgan": args.vqgan, "clip": args.clip,
@@ -226,6 +235,9 @@ def markdown(r: dict) -> str:
     for a, d in r["diversity"].items():
         lines.append(f"unnamed {a}: {d['distinct_mean']:.2f} of {d['of']} values per prompt on average "
                      f"(min {d['distinct_min']}), normalised entropy {d['entropy']:.2f}")
+    if "text_image_cosine" in r:
+        lines.append(f"text-image gap: mean cosine {r['text_image_cosine']:.3f} between a prompt's text embedding "
+                     "and the image embedding of a render of its attributes")
     if "clip_fd" in r:
         lines.append(f"Fréchet distance in CLIP space to {r['clip_fd_real_images']} real images: {r['clip_fd']:.4f}")
     if "fid" in r:

@@ -41,8 +41,8 @@ class Judgement:
     def describe(self) -> str:
         if not self.found:
             return "no object"
-        return (f"{SIZES[self.size]} {COLORS[self.color][0]} {SHAPES[self.shape]}, "
-                f"{ROWS[self.row]} {COLS[self.col]}")
+        shape = SHAPES[self.shape] if self.shape >= 0 else "shapeless object"
+        return f"{SIZES[self.size]} {COLORS[self.color][0]} {shape}, {ROWS[self.row]} {COLS[self.col]}"
 
 
 def _as_array(image) -> np.ndarray:
@@ -86,6 +86,8 @@ def judge(image) -> Judgement:
         rows = np.nonzero(row_profile > 0.5)[0]
         widths = alpha[rows].sum(axis=1)
         n = len(widths)
+        if n < 4:  # a sliver a few pixels high: no shape of the world's four
+            return Judgement(True, colour, -1, size, row, col)
         top, mid, bottom = widths[: n // 4].mean(), widths[3 * n // 8: 5 * n // 8 + 1].mean(), widths[-(n // 4):].mean()
         shape = SHAPES.index("triangle") if bottom > max(top, mid) * 1.15 else SHAPES.index("diamond")
     return Judgement(True, colour, shape, size, row, col)

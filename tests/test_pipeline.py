@@ -1,4 +1,5 @@
 """The sampling pipeline (text -> CLIP -> GPT -> VQGAN -> CLIP re-ranking) and evaluate.py on tiny models."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -79,6 +80,14 @@ def test_evaluate_color_shape_prompts_report_unnamed_diversity(paths, tmp_path):
     assert set(res["diversity"]) == {"size", "position"} and res["diversity"]["position"]["of"] == 9
     assert 0 <= res["diversity"]["position"]["distinct_min"] <= 3 and "clip_fd" not in res
     assert "unnamed position" in r.stdout and res["cond_source"] == "image"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is not None, reason="torch-fidelity is installed")
+def test_evaluate_fid_without_torch_fidelity_is_one_line_error(paths):
+    r = subprocess.run([sys.executable, "evaluate.py", "--vqgan", paths["vqgan"], "--gpt", paths["gpt"],
+                        "--clip", paths["clip"], "--prompts", "1", "--samples", "1", "--fid"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "torch-fidelity" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_exported_weights_load_everywhere_and_give_the_same_images(paths, tmp_path):
