@@ -20,11 +20,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
-# Until demo.py exists: a short VQGAN run on the Shapes world that writes a reconstruction grid.
+# Text to pictures with the shipped Shapes-world checkpoints (pretrained/shapes/): sample.png and sample_*.png.
+DEMO_TEXT ?= a large red circle in the top left
 demo: $(STAMP)
-	$(PY) train_vqgan.py --preset shapes --batch-size 32 --max-steps 300 --val-every 300 --val-batches 4 \
-		--out-dir runs/demo --no-tensorboard
-	@echo "reconstruction grid (top: input, bottom: reconstruction): runs/demo/recon.png"
+	$(PY) demo.py --text "$(DEMO_TEXT)"
 
 # Reproduce pretrained/shapes/ from nothing (CLIP, VQGAN, pre-encoding, GPT, export, evaluation); see README.
 shapes: $(STAMP)
