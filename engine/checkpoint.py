@@ -29,14 +29,16 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`: a crash
+    leaves the previous file in place and no temporary behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
@@ -44,6 +46,14 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    atomic_write(path, write)
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -161,20 +171,7 @@ def save_weights(path: str | os.PathLike, kind: str, config: dict, state_dict: d
                for k, v in state_dict.items()}
     meta = {"kind": kind, "config": json.dumps(config), "extra": json.dumps(extra or {}),
             "format": "clipgen-open weights v1"}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_weights(path: str | os.PathLike, map_location="cpu") -> dict:
