@@ -24,16 +24,18 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.model import build_model_from_openai_state_dict
-from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
 from engine import checkpoint as ckpt
 from engine.checkpoint import CheckpointError
+from models import clip_lite
+from models.clip_lite import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+# open_clip itself is imported only where it is needed (training, pretrained names, OpenAI state dicts,
+# configs beyond the plain ViT): importing it costs ~1.5 s (torchvision, torch._dynamo, timm), and loading
+# the project's own CLIP checkpoints for inference does without it (models/clip_lite.py).
 
 DEFAULT_PREPROCESS = {"mean": tuple(OPENAI_DATASET_MEAN), "std": tuple(OPENAI_DATASET_STD)}
 
@@ -44,14 +46,27 @@ DEFAULT_PREPROCESS = {"mean": tuple(OPENAI_DATASET_MEAN), "std": tuple(OPENAI_DA
 def build_open_clip(config: dict) -> nn.Module:
     """An open_clip model (random weights) from a model config dict, the format of open_clip's
     model_configs/*.json: {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"?, "custom_text"?}."""
+    import open_clip
+
     cfg = copy.deepcopy(config)
     cls = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
     return cls(**cfg)
 
 
+def build_for_inference(config: dict) -> nn.Module:
+    """The same model as build_open_clip(config), without importing open_clip when the config is a
+    plain ViT CLIP (clip_lite.is_lite); parameter names and outputs are the same either way."""
+    return clip_lite.build_lite(config) if clip_lite.is_lite(config) else build_open_clip(config)
+
+
 @functools.lru_cache(maxsize=8)
-def _simple_tokenizer(context_length: int) -> SimpleTokenizer:
-    return SimpleTokenizer(context_length=context_length)
+def _simple_tokenizer(context_length: int):
+    return clip_lite.tokenizer_module().SimpleTokenizer(context_length=context_length)
+
+
+def _is_simple_tokenizer(tokenizer) -> bool:
+    """open_clip's SimpleTokenizer, from open_clip or loaded on its own by clip_lite (two classes)."""
+    return type(tokenizer).__name__ == "SimpleTokenizer" and hasattr(tokenizer, "sot_token_id")
 
 
 def tokenizer_for(config: dict):
@@ -59,6 +74,8 @@ def tokenizer_for(config: dict):
     text_cfg = config.get("text_cfg", {})
     context_length = text_cfg.get("context_length", 77)
     if text_cfg.get("hf_tokenizer_name"):
+        import open_clip
+
         return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
     return _simple_tokenizer(context_length)
 
@@ -69,7 +86,7 @@ def tokenize(tokenizer, texts: Sequence[str], context_length: int) -> tuple[torc
     Same ids as open_clip's SimpleTokenizer (start token, BPE, end token, zero padding; an over-long
     text keeps its first context_length - 1 tokens and the end token), but it counts what it cuts, which
     open_clip does silently. Other tokenizers (HF) are called as they are and report nothing dropped."""
-    if not isinstance(tokenizer, SimpleTokenizer) or tokenizer.reduction_fn is not None:
+    if not _is_simple_tokenizer(tokenizer) or tokenizer.reduction_fn is not None:
         return tokenizer(list(texts), context_length=context_length), [0] * len(texts)
     sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
     ids = [[sot] + tokenizer.encode(t) + [eot] for t in texts]
@@ -230,6 +247,8 @@ def from_pretrained(name: str, tag: str | None) -> CLIP:
     if not tag and not name.startswith(("hf-hub:", "local-dir:")):
         raise CheckpointError(f"open_clip model {name!r} needs pretrained weights: give NAME:TAG, "
                               f"e.g. {name}:openai (open_clip.list_pretrained() lists them)")
+    import open_clip
+
     try:
         model = open_clip.create_model(name, pretrained=tag, require_pretrained=True)
         tokenizer = open_clip.get_tokenizer(name)
@@ -282,6 +301,8 @@ def _is_torchscript(path: Path) -> bool:
 
 def from_openai_state_dict(state: dict, source: str = "") -> CLIP:
     """OpenAI's layout (as CLIP-GEN ships it), QuickGELU, computed in float32 from the (fp16) weights."""
+    from open_clip.model import build_model_from_openai_state_dict
+
     try:
         # cast_dtype=None: plain LayerNorms, as the model runs in float32 (fp16 weights are upcast exactly).
         model = build_model_from_openai_state_dict(dict(state), quick_gelu=True, cast_dtype=None)
@@ -295,7 +316,7 @@ def from_checkpoint(state: dict, source: str = "") -> CLIP:
     """A train_clip.py checkpoint; its EMA weights when it has them."""
     try:
         config = state["open_clip_config"]
-        model = build_open_clip(config)
+        model = build_for_inference(config)
         model.load_state_dict(state.get("ema") or state["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{source or 'checkpoint'} is a broken CLIP checkpoint ({_first_line(e)})") from None

@@ -133,6 +133,92 @@ def test_project_checkpoint_round_trip(tmp_path, tiny_clip):
     assert not torch.equal(load_clip(tmp_path / "ema.pt").encode_image(images), tiny_clip.encode_image(images))
 
 
+# --- the lite build (no open_clip import) ------------------------------------------------------------
+
+LITE_CONFIGS = [
+    TINY,
+    PRESETS["shapes"]["open_clip_config"],
+    {"embed_dim": 48, "quick_gelu": True,  # QuickGELU, a non-default MLP ratio, open_clip's key defaults
+     "vision_cfg": {"image_size": 48, "patch_size": 8, "width": 64, "layers": 3, "head_width": 16,
+                    "mlp_ratio": 2.0, "patch_dropout": 0.0, "pool_type": "tok"},
+     "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 96, "heads": 3, "layers": 2,
+                  "pool_type": "argmax", "proj_type": "linear"}},
+]
+
+
+@pytest.mark.parametrize("config", LITE_CONFIGS, ids=["tiny", "shapes", "quick_gelu"])
+def test_lite_build_equals_open_clip(config):
+    """Same parameter names and the same features from the same weights, so a checkpoint written from an
+    open_clip model loads into either and means the same."""
+    from models.clip_lite import build_lite, is_lite
+
+    assert is_lite(config)
+    torch.manual_seed(0)
+    ref = build_open_clip(config).eval()
+    lite = build_lite(config).eval()
+    assert set(lite.state_dict()) == set(ref.state_dict())
+    lite.load_state_dict(ref.state_dict(), strict=True)
+    size = ref.visual.image_size
+    images = torch.randn(3, 3, *((size, size) if isinstance(size, int) else size))
+    text = torch.zeros(3, ref.context_length, dtype=torch.long)
+    for i, n in enumerate((3, 7, ref.context_length)):  # start, words, end token (the largest id) at n-1
+        text[i, :n] = torch.randint(1, 49000, (n,))
+        text[i, 0], text[i, n - 1] = 49406, 49407
+    with torch.no_grad():
+        assert torch.allclose(lite.encode_image(images), ref.encode_image(images), atol=1e-5, rtol=1e-5)
+        assert torch.allclose(lite.encode_text(text), ref.encode_text(text), atol=1e-5, rtol=1e-5)
+    assert torch.equal(lite.attn_mask, ref.attn_mask)
+    assert lite.context_length == ref.context_length and lite.visual.output_dim == ref.visual.output_dim
+
+
+@pytest.mark.parametrize("change", [
+    {"vision_cfg": {"ls_init_value": 1e-5}}, {"vision_cfg": {"timm_model_name": "vit_tiny"}},
+    {"vision_cfg": {"layers": [1, 1, 1, 1]}}, {"vision_cfg": {"pool_type": "avg"}},
+    {"text_cfg": {"hf_tokenizer_name": "bert"}}, {"text_cfg": {"proj_bias": True}},
+    {"custom_text": True}, {"init_logit_bias": -10},
+])
+def test_configs_beyond_the_plain_vit_are_built_by_open_clip(change):
+    from models.clip import build_for_inference
+    from models.clip_lite import is_lite
+
+    config = {**TINY, **{k: v for k, v in change.items() if not isinstance(v, dict)}}
+    for k, v in change.items():
+        if isinstance(v, dict):
+            config[k] = {**TINY[k], **v}
+    assert not is_lite(config)
+    if change.get("vision_cfg", {}).get("timm_model_name") is None:  # timm towers need timm's model zoo
+        assert type(build_for_inference(config)).__module__.startswith("open_clip.")
+    assert type(build_for_inference(TINY)).__name__ == "LiteCLIP"
+
+
+def test_lite_constants_and_tokenizer_are_open_clips():
+    from models import clip_lite
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    assert clip_lite.OPENAI_DATASET_MEAN == tuple(OPENAI_DATASET_MEAN)
+    assert clip_lite.OPENAI_DATASET_STD == tuple(OPENAI_DATASET_STD)
+    texts = ["a large red circle in the top left", "Ünïcode — ok?", "", "a " * 40]
+    assert torch.equal(open_clip.tokenize(texts, context_length=32),
+                       clip_lite.tokenizer_module().SimpleTokenizer(context_length=32)(texts))
+
+
+def test_loading_a_project_clip_does_not_import_open_clip(tmp_path, tiny_clip):
+    """The inference path (demo.py, evaluate.py, the trainers' frozen CLIP) stays clear of open_clip's
+    import cost: torchvision, torch._dynamo and timm stay unloaded, and the features are the model's."""
+    state = {"kind": "clip", "open_clip_config": TINY, "preprocess": WHITE_ZERO,
+             "model": tiny_clip.model.state_dict()}
+    torch.save(state, tmp_path / "clip.pt")
+    expected = tiny_clip.encode_text(["a red circle in the top left"])
+    torch.save(expected, tmp_path / "expected.pt")
+    code = (f"import sys, torch; from models.clip import load_clip; "
+            f"c = load_clip({str(tmp_path / 'clip.pt')!r}); e = c.encode_text(['a red circle in the top left']); "
+            f"assert torch.equal(e, torch.load({str(tmp_path / 'expected.pt')!r})), 'features differ'; "
+            f"print(sorted(m for m in ('open_clip', 'torchvision', 'timm', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def _error_cases(tmp_path):
     torch.save({"kind": "gpt", "model": {}}, tmp_path / "gpt.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
