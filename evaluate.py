@@ -201,7 +201,8 @@ def main(args) -> None:
         "clip_score": {"raw": float(np.mean(clip_raw)), "reranked": float(np.mean(clip_best))},
         "text_image_cosine": float(np.mean(gap)),
         "diversity": {a: {"distinct_mean": float(np.mean([d for d, _ in v])), "distinct_min": int(min(d for d, _ in v)),
-                          "of": N_VALUES[a], "entropy": float(np.mean([e for _, e in v]))} for a, v in div.items()},
+                          "of": N_VALUES[a], "entropy": float(np.mean([e for _, e in v])),
+                          "distinct_per_prompt": [int(d) for d, _ in v]} for a, v in div.items()},
         "sampling_seconds": seconds, "gpt": args.gpt, "vqgan": args.vqgan, "clip": args.clip,
     }
     n_real = len(clip_raw) if args.fd_real is None else args.fd_real
@@ -235,6 +236,10 @@ def markdown(r: dict) -> str:
     for a, d in r["diversity"].items():
         lines.append(f"unnamed {a}: {d['distinct_mean']:.2f} of {d['of']} values per prompt on average "
                      f"(min {d['distinct_min']}), normalised entropy {d['entropy']:.2f}")
+        if d.get("distinct_per_prompt"):
+            k = math.ceil(2 * d["of"] / 3)  # for position: 6 of the 9 cells
+            share = float(np.mean([n >= k for n in d["distinct_per_prompt"]]))
+            lines.append(f"  {share:.0%} of prompts show at least {k} of the {d['of']} values")
     if "text_image_cosine" in r:
         lines.append(f"text-image gap: mean cosine {r['text_image_cosine']:.3f} between a prompt's text embedding "
                      "and the image embedding of a render of its attributes")

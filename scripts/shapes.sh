@@ -22,7 +22,7 @@ $PY preencode.py --vqgan "$OUT/vqgan/best.pt" --clip "$OUT/clip/best.pt" --out "
 stage "4/5 language-free GPT (CLIP image embeddings only)"
 $PY train_gpt.py --preset tiny --vqgan "$OUT/vqgan/best.pt" --clip "$OUT/clip/best.pt" --shards "$OUT/encoded" \
     --out-dir "$OUT/gpt" --no-tensorboard --resume auto \
-    ${GPT_ARGS:---dropout 0 --lr 1e-3 --max-steps 2000 --warmup-steps 200 --embed-noise 0.05 --sample-every 2000}
+    ${GPT_ARGS:---dropout 0 --lr 1e-3 --max-steps 2000 --warmup-steps 200 --embed-noise 0.1 --sample-every 2000}
 stage "5/5 export to $DEST (fp16 safetensors)"
 $PY export.py "$OUT/clip/best.pt" "$DEST/clip.safetensors"
 $PY export.py "$OUT/vqgan/best.pt" "$DEST/vqgan.safetensors"
