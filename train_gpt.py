@@ -27,6 +27,7 @@ from datasets.encoded import EncodedShards
 from engine import checkpoint as ckpt
 from engine import data
 from engine import distributed as D
+from engine import fsdp as FS
 from engine.cli import UsageError, run
 from engine.ema import EMA
 from engine.logs import Logger
@@ -62,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--warmup-steps", type=int, default=200)
     g.add_argument("--max-steps", type=int, default=5000)
     g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--strategy", choices=FS.STRATEGIES, default="ddp",
+                   help="with several processes: ddp (a full copy per rank) or fsdp (parameters, gradients and "
+                        "optimizer state sharded over the ranks; checkpoints are the same full state dicts)")
     g.add_argument("--ema-decay", type=float, default=0.999, help="0 = no EMA")
     g.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
     g = p.add_argument_group("run")
@@ -115,6 +119,8 @@ class Conditioner:
 
 
 def build_data(args, env, vqgan, clip):
+    if args.shards and args.stream:
+        raise UsageError("--stream streams images (--dataset tar); --shards are pre-encoded: use one of them")
     if args.shards:
         train_ds, val_ds = EncodedShards(Path(args.shards) / "train"), EncodedShards(Path(args.shards) / "val")
         meta = train_ds.meta
@@ -129,8 +135,8 @@ def build_data(args, env, vqgan, clip):
             raise UsageError(f"--cond text needs caption embeddings; {args.shards} has none (encode a "
                              "captioned dataset, e.g. --shapes-split captioned)")
     else:
-        train_ds, val_ds = datasets.build_datasets(args, vqgan.cfg.resolution)
-        if args.cond == "text" and "caption" not in train_ds[0]:
+        train_ds, val_ds = datasets.build_datasets(args, vqgan.cfg.resolution, streaming=True)
+        if args.cond == "text" and not datasets.has_captions(train_ds):
             raise UsageError(f"--cond text needs captions; --dataset {args.dataset} has none")
     return train_ds, val_ds
 
@@ -205,28 +211,40 @@ def main(args) -> None:
     if cfg.vocab_size != vqgan.cfg.n_codes or cfg.n_tokens != vqgan.cfg.grid_size ** 2:
         raise UsageError(f"the GPT writes {cfg.n_tokens} tokens of {cfg.vocab_size} codes; the VQGAN has "
                          f"{vqgan.cfg.grid_size ** 2} tokens of {vqgan.cfg.n_codes} codes")
+    fsdp = args.strategy == "fsdp" and env.distributed  # one process: nothing to shard
     raw = GPT(cfg).to(env.device)
     ema = EMA(raw, args.ema_decay) if args.ema_decay > 0 else None
-    fused = env.device.type == "cuda"
-    opt = torch.optim.AdamW(raw.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=fused)
     step, best, nonfinite_total = 0, float("inf"), 0
-    if state:
+    if state:  # full state dicts, loaded before any sharding: the same under either strategy
         raw.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"], state.get("ema_updates", state["step"]))
         step, best, nonfinite_total = state["step"], state["best_val_loss"], state["nonfinite_steps"]
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
-    model = DDP(raw) if env.distributed else raw
-    train_loader, sampler = data.train_loader(train_ds, args.batch_size, env, args.seed, step, args.num_workers)
+    if fsdp:  # the EMA is sharded the same way, so its update stays a local op on each rank's shard
+        FS.shard(raw, env.device)
+        if ema is not None:
+            FS.shard(ema.model, env.device)
+    fused = env.device.type == "cuda"
+    opt = torch.optim.AdamW(raw.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=fused)
+    if state:
+        if fsdp:
+            FS.load_optimizer_state(raw, opt, state["optimizer"])
+        else:
+            opt.load_state_dict(state["optimizer"])
+    model = DDP(raw) if env.distributed and not fsdp else raw
+    if isinstance(train_ds, torch.utils.data.IterableDataset):  # --stream
+        train_loader, sampler = data.stream_loader(train_ds, args.batch_size, env, step, args.num_workers)
+    else:
+        train_loader, sampler = data.train_loader(train_ds, args.batch_size, env, args.seed, step, args.num_workers)
     val_loader = data.val_loader(val_ds, args.batch_size, env, args.num_workers)
 
     log = Logger(out, env.is_main, args.max_steps, step, tensorboard=not args.no_tensorboard)
     log.print(f"gpt {args.preset}: {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M params, "
               f"{cfg.n_tokens} tokens of {cfg.vocab_size} codes, cond {args.cond} ({cfg.cond_dim}-d, noise "
               f"{args.embed_noise}, drop {args.cond_drop}) | {'shards ' + args.shards if args.shards else 'on the fly'}"
-              f" | {env.world_size} process(es) on {env.device}{' in bf16' if amp else ''} | "
+              f" | {env.world_size} process(es){' (fsdp)' if fsdp else ''} on {env.device}{' in bf16' if amp else ''} | "
               f"{'resuming at step ' + str(step) if step else 'from scratch'} | out {out}")
     stop = StopRequest()
     t_start, t_log, tokens_since = time.time(), time.time(), 0
@@ -258,7 +276,7 @@ def main(args) -> None:
             nonfinite_run = 0
             loss.backward()
             if args.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+                grad_norm = FS.full_value(torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip))
             opt.step()
             if ema is not None:
                 ema.update(raw)
@@ -281,8 +299,17 @@ def main(args) -> None:
             log.print(f"val loss {metrics['val/loss']:.4f} token accuracy {metrics['val/token_accuracy']:.3f}")
             is_best = metrics["val/loss"] < best
             best = min(best, metrics["val/loss"])
+        if (args.sample_every and step % args.sample_every == 0) or step == args.max_steps:
+            # Sampling calls the model's parts one by one (KV cache), which FSDP's sharded root does not
+            # gather for: sample from a gathered, ordinary copy on rank 0 instead.
+            sampler_model = eval_model
+            if fsdp:
+                full = FS.full_model_state(eval_model)
+                sampler_model = GPT(cfg).to(env.device).eval() if env.is_main else None
+                if env.is_main:
+                    sampler_model.load_state_dict(full)
         if env.is_main and ((args.sample_every and step % args.sample_every == 0) or step == args.max_steps):
-            grid = sample_grid(eval_model, vqgan, clip, val_ds, conditioner, args.prompts, args.sample_cfg,
+            grid = sample_grid(sampler_model, vqgan, clip, val_ds, conditioner, args.prompts, args.sample_cfg,
                                args.seed)
             save_image(grid, out / "samples.png")
             log.image("samples (rows: real, from image embedding, from each prompt)", grid, step)
@@ -290,16 +317,22 @@ def main(args) -> None:
         stopping = D.any_rank(stop.requested, env.device)
         if stopping or is_best or step % args.save_every == 0 or step == args.max_steps:
             rngs = ckpt.gather_rng_states()
+            if fsdp:  # collectives: every rank takes part, rank 0 receives the full tensors
+                model_sd, opt_sd = FS.full_model_state(raw), FS.full_optimizer_state(raw, opt)
+                ema_sd = FS.full_model_state(ema.model) if ema is not None else None
+            elif env.is_main:
+                model_sd, opt_sd = raw.state_dict(), opt.state_dict()
+                ema_sd = ema.state_dict() if ema is not None else None
             if env.is_main:
-                state = {"kind": "gpt", "config": cfg.to_dict(), "model": raw.state_dict(),
-                         "optimizer": opt.state_dict(), "step": step, "epoch": sampler.epoch_of(step),
+                state = {"kind": "gpt", "config": cfg.to_dict(), "model": model_sd,
+                         "optimizer": opt_sd, "step": step, "epoch": sampler.epoch_of(step),
                          "best_val_loss": best, "nonfinite_steps": nonfinite_total, "rng": rngs,
                          "conditioning": {"cond": args.cond, "embed_noise": args.embed_noise,
                                           "cond_drop": args.cond_drop, "clip": str(args.clip),
                                           "vqgan": str(args.vqgan)},
                          "train_args": vars(args)}
                 if ema is not None:
-                    state["ema"], state["ema_updates"] = ema.state_dict(), ema.updates
+                    state["ema"], state["ema_updates"] = ema_sd, ema.updates
                 manager.save(state, step, periodic=args.keep_every > 0 and step % args.keep_every == 0,
                              best=is_best)
             D.barrier()

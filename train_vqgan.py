@@ -145,8 +145,11 @@ def save_grid(first, path: Path) -> torch.Tensor:
 
 
 def build_loaders(args, env, cfg, start_step):
-    train_ds, val_ds = datasets.build_datasets(args, cfg.resolution)
-    train, sampler = data.train_loader(train_ds, args.batch_size, env, args.seed, start_step, args.num_workers)
+    train_ds, val_ds = datasets.build_datasets(args, cfg.resolution, streaming=True)
+    if isinstance(train_ds, torch.utils.data.IterableDataset):  # --stream
+        train, sampler = data.stream_loader(train_ds, args.batch_size, env, start_step, args.num_workers)
+    else:
+        train, sampler = data.train_loader(train_ds, args.batch_size, env, args.seed, start_step, args.num_workers)
     return train, data.val_loader(val_ds, args.batch_size, env, args.num_workers), sampler
 
 

@@ -1,7 +1,9 @@
 """Image sources for both training stages, behind one contract the trainers rely on.
 
-Every dataset is map-style. `ds[key]` takes an int index or an (index, seed) pair, where the seed alone
-decides the item's randomness (no global RNG), and returns a dict:
+Every dataset is map-style, except the training stream of `--dataset tar --stream` (StreamingShards, an
+IterableDataset: the same items with `key` and `shard` in place of `index`; see datasets/streaming.py).
+`ds[key]` takes an int index or an (index, seed) pair, where the seed alone decides the item's randomness
+(no global RNG), and returns a dict:
     image    float32 (3, R, R) in [-1, 1]
     index    int, the index actually returned (a later one if unreadable files were skipped)
     skipped  int, how many unreadable files were skipped to produce this item
@@ -12,19 +14,23 @@ decides the item's randomness (no global RNG), and returns a dict:
 from __future__ import annotations
 
 import argparse
+import glob
 
 import numpy as np
+import torch
 
 from datasets.coco import CocoCaptions
 from datasets.folder import ImageFolder
 from datasets.robust import CorruptImageWarning, DataError, RobustImageDataset
 from datasets.shapes import ShapesDataset
-from datasets.tarshards import TarShards
+from datasets.streaming import StreamingShards
+from datasets.tarshards import TarShards, expand_shards
 from datasets.transforms import EvalTransform, TrainTransform, unpack_key
 
 __all__ = [
     "CocoCaptions", "CorruptImageWarning", "DataError", "EvalTransform", "ImageFolder", "ShapesDataset",
-    "TarShards", "TrainTransform", "add_data_args", "build_datasets", "holdout_split", "unpack_key",
+    "StreamingShards", "TarShards", "TrainTransform", "add_data_args", "build_datasets", "has_captions",
+    "holdout_split", "unpack_key",
 ]
 
 DATASET_KINDS = ["shapes", "folder", "coco", "tar"]
@@ -48,6 +54,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shapes-split", choices=["unlabeled", "captioned"], default="unlabeled",
                        help="Shapes splits: unlabeled (images only: VQGAN, GPT) or captioned (CLIP, and "
                             "the supervised --cond text comparison)")
+    group.add_argument("--stream", action="store_true",
+                       help="--dataset tar, training only: stream the shards instead of indexing them, split by "
+                            "whole shards over processes and data workers; validation reads --val-data-path, "
+                            "else --val-fraction of the shards (whole shards) held out")
+    group.add_argument("--shuffle-buffer", type=int, default=1000,
+                       help="--stream: samples shuffled within each shard (0: tar order)")
 
 
 def holdout_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -75,9 +87,44 @@ def _split(full: RobustImageDataset, args: argparse.Namespace, resolution: int):
     return full.subset(train_idx, TrainTransform(resolution)), full.subset(val_idx, EvalTransform(resolution))
 
 
-def build_datasets(args: argparse.Namespace, resolution: int):
-    """(train dataset with random crops, val dataset with centre crops) for the flags of add_data_args."""
+def has_captions(dataset) -> bool:
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return bool(getattr(dataset, "captioned", False))
+    return "caption" in dataset[0]
+
+
+def _stream_tar(args: argparse.Namespace, train_tf, eval_tf):
+    """(StreamingShards, map-style val). Without --val-data-path, whole shards spread evenly over the list
+    are held out (a stream cannot leave out single samples without reading them), the same on every run."""
+    paths = expand_shards(args.data_path)
+    if args.val_data_path:
+        val = TarShards(args.val_data_path, eval_tf)
+    else:
+        if len(paths) < 2:
+            raise DataError(f"--stream holds out whole shards for validation, and {args.data_path} has "
+                            f"{len(paths)}: pass --val-data-path")
+        train_idx, val_idx = holdout_split(len(paths), args.val_fraction)
+        # One TarShards per held-out shard: escaped, so a shard name is never read as a glob.
+        parts = [TarShards(glob.escape(paths[i]), eval_tf) for i in val_idx]
+        val = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+        paths = [paths[i] for i in train_idx]
+    train = StreamingShards(paths, train_tf, seed=getattr(args, "seed", 0), shuffle_buffer=args.shuffle_buffer)
+    return train, val
+
+
+def build_datasets(args: argparse.Namespace, resolution: int, streaming: bool = False):
+    """(train dataset with random crops, val dataset with centre crops) for the flags of add_data_args.
+    With --stream the train dataset is a StreamingShards, for callers that pass streaming=True (trainers
+    that feed it to engine.data.stream_loader); others refuse the flag."""
     train_tf, eval_tf = TrainTransform(resolution), EvalTransform(resolution)
+    if getattr(args, "stream", False):
+        if args.dataset != "tar":
+            raise DataError(f"--stream reads webdataset shards: it needs --dataset tar, not {args.dataset}")
+        if not streaming:
+            raise DataError("--stream is for training (train_vqgan.py, train_gpt.py); this program reads "
+                            "map-style data: drop --stream")
+        _require(args, "--data-path")
+        return _stream_tar(args, train_tf, eval_tf)
     if args.dataset == "shapes":
         # Unlabeled splits by default: captions never reach the VQGAN or the language-free GPT.
         split = getattr(args, "shapes_split", "unlabeled")

@@ -147,9 +147,14 @@ class CheckpointManager:
         return state
 
     def resolve(self, resume: str | None) -> Path | None:
-        """--resume auto: latest.pt in the output folder if there is one; else the given path."""
+        """--resume auto: latest.pt in the output folder if there is one; else the given path. A process an
+        elastic agent or a Slurm requeue restarted resumes as with auto when no --resume was given."""
         if not resume:
-            return None
+            from engine.launch import is_restart
+
+            if not is_restart():
+                return None
+            resume = "auto"
         if resume == "auto":
             return self.latest if self.latest.is_file() else None
         return Path(resume)

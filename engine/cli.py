@@ -19,6 +19,13 @@ class UsageError(ValueError):
 
 
 def run(main, args) -> None:
+    """main(args) with user errors as one line; under hfai (one process per node) in one process per GPU."""
+    from engine import launch
+
+    found = launch.detect()
+    if found.kind == "hfai" and not launch.os.environ.get(launch.SPAWNED_FLAG):
+        launch.spawn_per_gpu(found, run, main, args)
+        return
     try:
         main(args)
     except user_errors() as e:

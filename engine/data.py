@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import signal
+import sys
 
 import torch
 
+from datasets.robust import DataError
 from engine.distributed import DistEnv
 from engine.sampler import ResumableBatchSampler
 
@@ -35,6 +37,41 @@ def train_loader(dataset, global_batch: int, env: DistEnv, seed: int, start_step
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                                          **loader_options(env, num_workers))
     return loader, sampler
+
+
+class StreamPosition:
+    """What a trainer asks of its sampler, for a stream. A stream has no exact epoch: its workers each run
+    through their own shards at their own pace. epoch_of(step) is the number of passes over the data the
+    samples of `step` global batches amount to when the dataset knows its size (samples_per_epoch), else -1."""
+
+    def __init__(self, global_batch: int, samples_per_epoch: int | None):
+        self.global_batch, self.samples_per_epoch = global_batch, samples_per_epoch
+
+    def epoch_of(self, step: int) -> int:
+        return step * self.global_batch // self.samples_per_epoch if self.samples_per_epoch else -1
+
+
+def stream_loader(dataset, global_batch: int, env: DistEnv, start_step: int, num_workers: int, collate_fn=None):
+    """Endless loader over a datasets.streaming.StreamingShards from global step start_step on; returns
+    (loader, StreamPosition). Each worker batches its own stream and the loader takes the workers' batches
+    in turn, which is what makes start_step exact (see datasets/streaming.py)."""
+    if global_batch % env.world_size:
+        raise ValueError(f"global batch {global_batch} is not divisible by {env.world_size} processes")
+    n_shards = len(dataset.shard_paths)
+    if n_shards < env.world_size:
+        raise DataError(f"{n_shards} shard(s) cannot feed {env.world_size} processes: a stream splits by whole "
+                        f"shards, so write at least {env.world_size} (or drop --stream)")
+    workers = min(num_workers, n_shards // env.world_size)
+    if workers < num_workers and env.is_main:
+        # An idle worker would leave the loader's rotation and break the batch order start_step relies on.
+        print(f"warning: {n_shards} shards for {env.world_size} process(es): {workers} data worker(s) per "
+              f"process instead of {num_workers}", file=sys.stderr)
+    dataset.rank, dataset.world_size = env.rank, env.world_size
+    dataset.batch_size, dataset.start_step, dataset.epochs = global_batch // env.world_size, start_step, None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, in_order=True,
+                                         collate_fn=collate_fn or torch.utils.data.default_collate,
+                                         **loader_options(env, workers))
+    return loader, StreamPosition(global_batch, dataset.samples_per_epoch)
 
 
 def val_loader(dataset, global_batch: int, env: DistEnv, num_workers: int, collate_fn=None):

@@ -1,11 +1,11 @@
 """One process or many: read the launcher's environment, pick the device, set up the process group.
 
-Rule: if WORLD_SIZE > 1 is in the environment (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT) the process joins a group: NCCL when it runs on CUDA, gloo otherwise. Else it runs alone.
+Which launcher (plain python, torchrun, Slurm srun, hfai) and which rank: engine/launch.py decides, by the
+rules written there. With more than one process the process joins a group: NCCL when it runs on CUDA,
+gloo otherwise. Else it runs alone.
 """
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 
@@ -68,9 +68,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def setup(requested_device: str | None = None) -> DistEnv:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from engine import launch as L
+
+    found = L.detect()
+    if found.distributed:
+        L.export_env(found)  # Slurm's variables as torchrun's, for the env:// rendezvous
+    world_size, rank, local_rank = found.world_size, found.rank, found.local_rank
     device = pick_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

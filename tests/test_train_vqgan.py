@@ -21,10 +21,17 @@ BASE = ["--preset", "shapes", "--batch-size", "8", "--no-tensorboard", "--shapes
         "--log-every", "1", "--val-batches", "1"]
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MASTER_IP", "GROUP_RANK",
+                 "GROUP_WORLD_SIZE")
+
+
 def _env():
+    """The test's subprocess environment: one thread each, unbuffered, and no launcher variables (the
+    suite may itself run under torchrun, Slurm or hfai; a trainer must start as a plain process here)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
+    for k in list(env):
+        if k in LAUNCHER_VARS or k.startswith(("SLURM_", "TORCHELASTIC_", "CLIPGEN_")):
+            del env[k]
     return env
 
 
