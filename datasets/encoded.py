@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from datasets.robust import DataError
+from engine.checkpoint import atomic_write
 from datasets.transforms import unpack_key
 
 META = "meta.json"
@@ -36,24 +36,17 @@ def n_shards(n_items: int, shard_size: int) -> int:
 
 
 def write_shard(folder: Path, k: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
-    """Atomically write shard k: a temporary file in the same folder, then a rename."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{shard_name(k)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({n: t.contiguous() for n, t in tensors.items()}, tmp,
-                  metadata={"info": json.dumps(info)})
-        os.replace(tmp, folder / shard_name(k))
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically write shard k (engine.checkpoint.atomic_write: a temporary file beside it, then a rename)."""
+    atomic_write(folder / shard_name(k), lambda tmp: save_file({n: t.contiguous() for n, t in tensors.items()},
+                                                              tmp, metadata={"info": json.dumps(info)}))
 
 
 def write_meta(folder: Path, meta: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".meta.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"format": FORMAT, **meta}, f, indent=1)
-    os.replace(tmp, folder / META)
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump({"format": FORMAT, **meta}, f, indent=1)
+
+    atomic_write(folder / META, write)
 
 
 def read_meta(folder: str | os.PathLike) -> dict:

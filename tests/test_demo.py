@@ -11,12 +11,9 @@ from PIL import Image
 import demo
 from engine.checkpoint import CheckpointError
 from engine.cli import run
-from models.clip import build_open_clip
-from models.gpt import build_gpt
 from models.pipeline import TextToImage, blend, image_grid, load_picture
-from models.vqgan import VQGAN
 from tests.conftest import REPO
-from tests.test_train_gpt import TINY_CLIP, TINY_VQGAN
+from tests.tiny import TINY_VQGAN, tiny_gpt, write_tiny
 from tests.test_train_vqgan import _env
 
 SIZE = TINY_VQGAN.resolution  # 64
@@ -24,10 +21,7 @@ PROMPT = "a red circle in the top left"
 SCORE_LINE = re.compile(r"^\s+(-?\d+\.\d+)\s+(\S+\.png)$")
 
 
-def _gpt(**over):
-    kw = dict(vocab_size=TINY_VQGAN.n_codes, n_tokens=TINY_VQGAN.grid_size ** 2, cond_dim=TINY_CLIP["embed_dim"],
-              n_layer=1, n_embd=64, n_head=2)
-    return build_gpt("tiny", **{**kw, **over})
+_gpt = tiny_gpt
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +30,7 @@ def ck(tmp_path_factory):
     another codebook, and a garbage file."""
     from export import export
 
-    root = tmp_path_factory.mktemp("demo")
-    torch.manual_seed(0)
-    torch.save({"kind": "vqgan", "config": TINY_VQGAN.to_dict(), "model": VQGAN(TINY_VQGAN).state_dict()},
-               root / "vqgan.pt")
-    torch.save({"kind": "clip", "open_clip_config": TINY_CLIP, "model": build_open_clip(TINY_CLIP).state_dict()},
-               root / "clip.pt")
+    root = write_tiny(tmp_path_factory.mktemp("demo"), gpt=False)
     for name, gpt in (("gpt", _gpt()), ("gpt99", _gpt(vocab_size=99))):
         torch.save({"kind": "gpt", "config": gpt.cfg.to_dict(), "model": gpt.state_dict()}, root / f"{name}.pt")
     for kind in ("vqgan", "gpt", "clip"):

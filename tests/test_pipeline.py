@@ -7,26 +7,16 @@ import sys
 import pytest
 import torch
 
-from models.clip import build_open_clip
 from models.gpt import build_gpt
 from models.pipeline import TextToImage
-from models.vqgan import VQGAN
 from tests.conftest import REPO
-from tests.test_train_gpt import TINY_CLIP, TINY_VQGAN
+from tests.tiny import TINY_CLIP, write_tiny
 from tests.test_train_vqgan import _env
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe")
-    torch.manual_seed(0)
-    torch.save({"kind": "vqgan", "config": TINY_VQGAN.to_dict(), "model": VQGAN(TINY_VQGAN).state_dict()},
-               root / "vqgan.pt")
-    torch.save({"kind": "clip", "open_clip_config": TINY_CLIP, "model": build_open_clip(TINY_CLIP).state_dict()},
-               root / "clip.pt")
-    gpt = build_gpt("tiny", vocab_size=TINY_VQGAN.n_codes, n_tokens=TINY_VQGAN.grid_size ** 2,
-                    cond_dim=TINY_CLIP["embed_dim"], n_layer=1, n_embd=64, n_head=2)
-    torch.save({"kind": "gpt", "config": gpt.cfg.to_dict(), "model": gpt.state_dict()}, root / "gpt.pt")
+    root = write_tiny(tmp_path_factory.mktemp("pipe"))
     return {k: str(root / f"{k}.pt") for k in ("vqgan", "gpt", "clip")}
 
 

@@ -10,39 +10,12 @@ import torch
 from datasets.encoded import EncodedShards, shard_name
 from datasets.robust import DataError
 from datasets.shapes import ShapesDataset
-from models.clip import build_open_clip, load_clip
+from models.clip import load_clip
 from models.convert import load_vqgan
 from models.vqgan import VQGAN, VQGANConfig
 from tests.conftest import REPO
+from tests.tiny import TINY_VQGAN
 from tests.test_train_vqgan import _env, _free_port, load_state
-
-TINY_VQGAN = VQGANConfig(resolution=64, ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(),
-                         z_channels=16, embed_dim=8, n_codes=32, norm_groups=4, l2_codes=True)
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture(scope="module")
-def frozen(tmp_path_factory):
-    """A tiny VQGAN and a tiny CLIP checkpoint, and pre-encoded Shapes shards made with them."""
-    root = tmp_path_factory.mktemp("stage2")
-    torch.manual_seed(0)
-    torch.save({"kind": "vqgan", "config": TINY_VQGAN.to_dict(), "model": VQGAN(TINY_VQGAN).state_dict()},
-               root / "vqgan.pt")
-    torch.save({"kind": "clip", "open_clip_config": TINY_CLIP, "model": build_open_clip(TINY_CLIP).state_dict()},
-               root / "clip.pt")
-    for split in ("unlabeled", "captioned"):
-        r = subprocess.run([sys.executable, "preencode.py", "--vqgan", str(root / "vqgan.pt"), "--clip",
-                            str(root / "clip.pt"), "--out", str(root / f"enc-{split}"), "--shapes-split", split,
-                            "--shapes-train-size", "96", "--shapes-val-size", "16", "--shard-size", "40",
-                            "--num-workers", "0"], cwd=REPO, env=_env(), capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 0, r.stderr
-        assert "done: encoded 96 train and 16 val items" in r.stdout
-    return root
 
 
 def test_preencoded_shards_round_trip(frozen):
