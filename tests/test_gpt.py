@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from engine.checkpoint import CheckpointError
 from models.convert_gpt import clipgen_gpt_config, convert_clipgen_gpt, load_gpt, load_state
-from models.gpt import GPT, PRESETS, GPTConfig, build_gpt, filter_logits
+from models.gpt import GPT, PRESETS, GPTConfig, build_gpt, draw, filter_logits
 from tests.conftest import COMPAT_DIR
 
 needs_fixtures = pytest.mark.skipif(COMPAT_DIR is None,
@@ -129,8 +129,7 @@ def _reference_sample(m, cond, seed, top_k=None, cfg_scale=1.0, temperature=1.0,
         if cfg_scale != 1.0:
             null = m(out[:, : i + 1], cond, torch.ones(B, dtype=torch.bool))[:, i]
             logits = null + cfg_scale * (logits - null)
-        logits = filter_logits(logits / temperature, top_k, top_p)
-        out[:, i] = torch.multinomial(F.softmax(logits, -1), 1, generator=g)[:, 0]
+        out[:, i] = draw(logits / temperature, top_k, top_p, g)[:, 0]
     return out
 
 
@@ -181,6 +180,19 @@ def test_top_k_one_is_greedy():
     for i in range(N):
         ref[:, i] = m(ref[:, : i + 1], cond)[:, i].argmax(-1)
     torch.testing.assert_close(greedy, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (3, None), (None, 0.7), (4, 0.8)])
+def test_draw_follows_the_filtered_distribution(top_k, top_p):
+    """Drawing among the top-k candidates samples softmax(filter_logits(...)) over the whole vocabulary."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 1.5
+    want = F.softmax(filter_logits(logits, top_k, top_p), -1)[0]
+    n = 40_000
+    got = draw(logits.expand(n, -1), top_k, top_p, gen(3))[:, 0]
+    freq = torch.bincount(got, minlength=12).float() / n
+    assert torch.all(freq[want == 0] == 0)  # never outside the top-k / nucleus
+    assert (freq - want).abs().max() < 0.01, (freq, want)
 
 
 def test_filter_logits_top_k_and_top_p():
