@@ -181,6 +181,7 @@ def hfai_env(tmp_path, procs_per_node=2):
                 FAKE_HFAI_SUSPEND=str(tmp_path / "suspend"), FAKE_HFAI_SUSPENDED=str(tmp_path / "suspended"))
 
 
+@pytest.mark.slow  # the default run keeps hfai's spawn through the suspend test below
 def test_hfai_node_spawns_one_process_per_gpu(frozen, one_process, tmp_path):
     """`hfai python train_gpt.py -- -n 1` starts one process per node: it spawns the per-GPU ranks."""
     r = subprocess.run(gpt_cmd(frozen, [*EQUAL, "--out-dir", str(tmp_path / "run")]), cwd=REPO,

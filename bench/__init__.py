@@ -1,0 +1,1 @@
+"""Benchmarks: python -m bench.run_all (or make bench). See bench/README.md."""

@@ -1,0 +1,134 @@
+"""GPT training throughput: a step fed from pre-encoded shards vs a step that encodes the images with the
+frozen VQGAN and CLIP on the fly (train_gpt.py's two data paths), same model, batch and machine.
+
+    python bench/train_gpt.py                  # presets tiny and small, batch 64, shipped Shapes models
+
+Both paths time the whole step as train_gpt.py runs it: fetch + collate the batch (Shapes images are
+rendered, shard items are read from memory), train_gpt.Conditioner (tokens and CLIP image embedding;
+VQGAN encode under the trainer's autocast), the condition-drop mask, forward under autocast
+(engine.distributed.autocast_dtype('auto'): bf16 on CUDA and on CPUs with AMX / AVX512-BF16), cross
+entropy, backward, grad clipping (1.0), AdamW (GPT-2 groups, betas 0.9/0.95), EMA update (0.999).
+Data loading runs in the main process here (the trainer's default --num-workers 1 overlaps it with the
+step; rendering a Shapes batch is a small part either way). The shards are written with
+datasets.encoded (the format preencode.py writes) to a temporary folder and read back with EncodedShards.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
+
+from bench import common as C  # noqa: E402
+from engine import distributed as D  # noqa: E402
+
+SHAPES = C.REPO / "pretrained" / "shapes"
+
+
+def sizes(quick: bool) -> dict:
+    if quick:
+        return {"tiny": dict(preset="tiny", batch=4, steps=1, warmup=1, items=8)}
+    return {"tiny": dict(preset="tiny", batch=64, steps=5, warmup=2, items=512),
+            "small": dict(preset="small", batch=64, steps=3, warmup=1, items=256)}
+
+
+def make_shards(dataset, vqgan, clip, conditioner_autocast, device, folder: Path, shard_size: int = 256) -> None:
+    from datasets.encoded import n_shards, write_meta, write_shard
+    from preencode import encode_batch
+
+    n = len(dataset)
+    for k in range(n_shards(n, shard_size)):
+        batch = default_collate([dataset[i] for i in range(k * shard_size, min(n, (k + 1) * shard_size))])
+        with torch.no_grad():
+            t = encode_batch(vqgan, clip, batch, device, conditioner_autocast)
+        t = {"tokens": t["tokens"].to(torch.int16).cpu(), "image_embed": t["image_embed"].cpu(),
+             "index": t["index"].long()}
+        write_shard(folder, k, t, {})
+    write_meta(folder, {"n_items": n, "n_shards": n_shards(n, shard_size), "shard_size": shard_size,
+                        "n_codes": vqgan.cfg.n_codes, "grid_size": vqgan.cfg.grid_size, "embed_dim": clip.embed_dim})
+
+
+def run_case(name: str, quick: bool, device: torch.device) -> list[dict]:
+    from datasets.encoded import EncodedShards
+    from datasets.shapes import ShapesDataset
+    from engine.ema import EMA
+    from models.clip import load_clip
+    from models.convert import load_vqgan
+    from models.gpt import GPT, build_gpt
+    from train_gpt import Conditioner, noisy
+
+    spec = sizes(quick)[name]
+    B = spec["batch"]
+    vqgan = load_vqgan(str(SHAPES / "vqgan.safetensors")).to(device).eval().requires_grad_(False)
+    clip = load_clip(str(SHAPES / "clip.safetensors"), device=device)
+    amp = D.autocast_dtype("auto", device)
+    autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+    conditioner = Conditioner(vqgan, clip, "image", device, autocast)
+    images = ShapesDataset("unlabeled-train", length=spec["items"], resolution=vqgan.cfg.resolution)
+    tmp = tempfile.TemporaryDirectory()
+    make_shards(images, vqgan, clip, autocast, device, Path(tmp.name))
+    shards = EncodedShards(tmp.name)
+
+    torch.manual_seed(0)
+    cfg = build_gpt(spec["preset"], vocab_size=vqgan.cfg.n_codes, n_tokens=vqgan.cfg.grid_size ** 2,
+                    cond_dim=clip.embed_dim).cfg
+    rows = []
+    for path, ds in (("on the fly (VQGAN + CLIP encode)", images), ("pre-encoded shards", shards)):
+        torch.manual_seed(0)
+        model = GPT(cfg).to(device).train()
+        opt = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+        ema = EMA(model, 0.999)
+        pos = [0]
+
+        def step():
+            idx = [(pos[0] + i) % len(ds) for i in range(B)]
+            pos[0] += B
+            tokens, cond = conditioner(default_collate([ds[i] for i in idx]))
+            cond = noisy(cond, 0.0)
+            drop = torch.rand(cond.shape[0], device=device) < 0.1
+            with autocast:
+                logits = model(tokens, cond, drop)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            ema.update(model)
+
+        tm = C.timeit(step, device, repeats=spec["steps"], warmup=spec["warmup"])
+        s = tm["median_s"]
+        rows.append({"preset": spec["preset"], "layers": cfg.n_layer, "width": cfg.n_embd,
+                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "batch": B,
+                     "tokens": cfg.n_tokens, "data": path, "precision": "bf16 autocast" if amp else "fp32",
+                     "step_s": s, "min_s": tm["min_s"], "max_s": tm["max_s"], "repeats": spec["steps"],
+                     "tokens_per_s": B * cfg.n_tokens / s, "images_per_s": B / s})
+    rows[1]["speedup_vs_on_the_fly"] = rows[0]["step_s"] / rows[1]["step_s"]
+    rows[0]["speedup_vs_on_the_fly"] = 1.0
+    tmp.cleanup()
+    return rows
+
+
+COLUMNS = [("case", "preset"), ("params_m", "GPT params (M)"), ("batch", "batch"), ("data", "data path"),
+           ("precision", "precision"), ("step_s", "s / step (median)"), ("tokens_per_s", "tokens/s"),
+           ("images_per_s", "images/s"), ("speedup_vs_on_the_fly", "× on the fly"),
+           ("peak_rss_mb", "peak RSS (MiB)")]
+NOTES = ["Shipped Shapes VQGAN (64x64 -> 8x8 tokens, 512 codes) and CLIP (64-d); GPT from scratch.",
+         "Step = batch fetch + collate (in the main process) + Conditioner + fwd/bwd under autocast + clip + "
+         "AdamW + EMA, as train_gpt.py; median of the timed steps after warm-up.",
+         "peak RSS: per preset (fresh subprocess), covering both paths."]
+
+
+def main(argv=None):
+    args = C.base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    device = torch.device(args.device or C.best_device())
+    cases = {n: (lambda n=n: run_case(n, args.quick, device)) for n in sizes(args.quick)}
+    return C.run_cases("train_gpt", args, cases, COLUMNS, __file__, NOTES)
+
+
+if __name__ == "__main__":
+    main()

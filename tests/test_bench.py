@@ -1,0 +1,89 @@
+"""Smoke tests of bench/ with --quick sizes: every benchmark runs, writes valid JSON with the expected keys,
+and the naive reference sampler draws exactly the project sampler's tokens under greedy decoding."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import sampling as S
+from models.gpt import GPT, GPTConfig
+from tests.conftest import REPO
+
+EXPECTED_ROW_KEYS = {
+    "sampling": {"case", "sampler", "precision", "cfg_scale", "tokens_per_s", "images_per_s", "speedup_vs_naive",
+                 "greedy_identical_cfg1", "greedy_identical_cfg2", "measured", "peak_rss_mb"},
+    "train_gpt": {"case", "data", "precision", "step_s", "tokens_per_s", "speedup_vs_on_the_fly", "peak_rss_mb"},
+    "demo": {"case", "cand_size", "wall_median_s", "wall_min_s", "wall_max_s", "imports_s", "loading_s",
+             "sampling_s"},
+    "train_vqgan": {"case", "precision", "lpips", "step_s", "images_per_s", "peak_rss_mb"},
+}
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "bench/run_all.py", "--quick", "--threads", "1", "--device", "cpu",
+                           "--out-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 1 and files[0].with_suffix(".md").is_file()
+    return json.loads(files[0].read_text()), files[0].with_suffix(".md").read_text()
+
+
+@pytest.mark.slow  # ~40 s: every benchmark end to end at its quick sizes, in subprocesses
+def test_run_all_quick_writes_json_and_markdown(quick_results):
+    doc, md = quick_results
+    assert doc["failed"] == []
+    assert {"cpu", "cores", "torch"} <= set(doc["machine"])
+    for name, keys in EXPECTED_ROW_KEYS.items():
+        res = doc["benchmarks"][name]
+        assert {"benchmark", "device", "threads", "machine", "rows", "quick"} <= set(res), name
+        assert res["rows"], name
+        for row in res["rows"]:
+            assert "error" not in row, (name, row)
+            assert keys <= set(row), (name, keys - set(row))
+        assert f"### {name}" in md
+
+
+@pytest.mark.slow
+def test_sampling_rows_compare_like_with_like(quick_results):
+    rows = quick_results[0]["benchmarks"]["sampling"]["rows"]
+    assert all(r["greedy_identical_cfg1"] and r["greedy_identical_cfg2"] for r in rows)
+    assert {r["sampler"] for r in rows} == {"naive (no cache)", "project (KV cache)"}
+    assert any(r["sampler"].startswith("project") and r["precision"] == "fp32" for r in rows)
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_naive_and_project_samplers_agree_greedy(cfg_scale):
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=50, n_tokens=12, n_layer=2, n_head=2, n_embd=32, cond_dim=8, n_prefix=2)).eval()
+    with torch.no_grad():  # a non-zero null prefix, so guidance changes the logits
+        gpt.null_prefix.normal_()
+    cond = F.normalize(torch.randn(3, 8), dim=-1)
+    kw = dict(top_k=1, cfg_scale=cfg_scale, n_tokens=12)
+    a = S.naive_sample(gpt, cond, generator=torch.Generator().manual_seed(0), **kw)
+    b = S.project_sample(gpt, cond, None, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(a, b)
+    S.check_greedy_agreement(gpt, cond, 12)  # the benchmark's own assertion
+
+
+def test_naive_and_project_samplers_agree_with_same_seed_sampling():
+    # Not only greedy: with the same seed and temperature/top-k the draws coincide too on a small model.
+    torch.manual_seed(1)
+    gpt = GPT(GPTConfig(vocab_size=40, n_tokens=10, n_layer=2, n_head=2, n_embd=32, cond_dim=8)).eval()
+    cond = F.normalize(torch.randn(2, 8), dim=-1)
+    kw = dict(top_k=10, temperature=0.9, n_tokens=10)
+    a = S.naive_sample(gpt, cond, generator=torch.Generator().manual_seed(5), **kw)
+    b = S.project_sample(gpt, cond, None, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(a, b)
+
+
+def test_extrapolation_of_a_linear_cost():
+    times = [0.5] + [1.0 + 0.1 * i for i in range(1, 8)]  # first step has a one-off cost
+    total, fit = S.extrapolate(times, 16)
+    assert fit["fit_b_s_per_token"] == pytest.approx(0.1)
+    assert total == pytest.approx(sum(times) + sum(1.0 + 0.1 * i for i in range(8, 16)))
