@@ -34,7 +34,30 @@ def sizes(quick: bool) -> dict:
     if quick:
         return {"tiny": dict(preset="tiny", batch=4, steps=1, warmup=1, items=8)}
     return {"tiny": dict(preset="tiny", batch=64, steps=5, warmup=2, items=512),
-            "small": dict(preset="small", batch=64, steps=3, warmup=1, items=256)}
+            "small": dict(preset="small", batch=64, steps=3, warmup=1, items=256),
+            # CLIP-GEN's sizes: the f16-16384 VQGAN at 256 px (16x16 tokens) and a ViT-B/32 CLIP, random
+            # weights (timing only: neither can be downloaded here), the 8x512 GPT over 256 tokens.
+            "clipgen-size": dict(preset="small", batch=8, steps=2, warmup=1, items=32, frozen="clipgen")}
+
+
+VIT_B_32 = {"embed_dim": 512,
+            "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32, "head_width": 64},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}}
+
+
+def frozen_models(kind: str, device: torch.device):
+    """(vqgan, clip): the shipped Shapes pair, or random-weight models of CLIP-GEN's sizes."""
+    from models.clip import CLIP, build_for_inference, load_clip
+    from models.convert import load_vqgan
+
+    if kind == "shapes":
+        return (load_vqgan(str(SHAPES / "vqgan.safetensors")).to(device).eval().requires_grad_(False),
+                load_clip(str(SHAPES / "clip.safetensors"), device=device))
+    from models.vqgan import PRESETS, VQGAN
+
+    torch.manual_seed(0)
+    vqgan = VQGAN(PRESETS["f16-16384"]).to(device).eval().requires_grad_(False)
+    return vqgan, CLIP(build_for_inference(VIT_B_32)).to(device)
 
 
 def make_shards(dataset, vqgan, clip, conditioner_autocast, device, folder: Path, shard_size: int = 256) -> None:
@@ -57,15 +80,12 @@ def run_case(name: str, quick: bool, device: torch.device) -> list[dict]:
     from datasets.encoded import EncodedShards
     from datasets.shapes import ShapesDataset
     from engine.ema import EMA
-    from models.clip import load_clip
-    from models.convert import load_vqgan
     from models.gpt import GPT, build_gpt
     from train_gpt import Conditioner, noisy
 
     spec = sizes(quick)[name]
     B = spec["batch"]
-    vqgan = load_vqgan(str(SHAPES / "vqgan.safetensors")).to(device).eval().requires_grad_(False)
-    clip = load_clip(str(SHAPES / "clip.safetensors"), device=device)
+    vqgan, clip = frozen_models(spec.get("frozen", "shapes"), device)
     amp = D.autocast_dtype("auto", device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
     conditioner = Conditioner(vqgan, clip, "image", device, autocast)
@@ -117,7 +137,9 @@ COLUMNS = [("case", "preset"), ("params_m", "GPT params (M)"), ("batch", "batch"
            ("precision", "precision"), ("step_s", "s / step (median)"), ("tokens_per_s", "tokens/s"),
            ("images_per_s", "images/s"), ("speedup_vs_on_the_fly", "× on the fly"),
            ("peak_rss_mb", "peak RSS (MiB)")]
-NOTES = ["Shipped Shapes VQGAN (64x64 -> 8x8 tokens, 512 codes) and CLIP (64-d); GPT from scratch.",
+NOTES = ["tiny, small: the shipped Shapes VQGAN (64x64 -> 8x8 tokens, 512 codes) and CLIP (64-d); clipgen-size: "
+         "random-weight f16-16384 VQGAN (256 px -> 16x16 tokens of 16384 codes) and ViT-B/32 CLIP, the 8x512 GPT; "
+         "GPT from scratch.",
          "Step = batch fetch + collate (in the main process) + Conditioner + fwd/bwd under autocast + clip + "
          "AdamW + EMA, as train_gpt.py; median of the timed steps after warm-up.",
          "peak RSS: per preset (fresh subprocess), covering both paths."]
