@@ -91,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"CPU threads (default: 1 for a GPT up to {SMALL_GPT_WIDTH} wide, whose per-token work is "
                         "too small to share out; torch's default for larger ones)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="autocast on CUDA: auto = bf16 (CPU and MPS sample in fp32)")
+                   help="CUDA: bf16 autocast (auto = bf16); CPU: bf16 stores the GPT's weights in bf16, "
+                        "faster for large GPTs (auto = fp32); MPS: fp32")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="sample.png",
                    help="the grid (or strip) to write (default sample.png); see above for the other files")

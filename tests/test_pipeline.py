@@ -105,3 +105,16 @@ def test_export_refuses_what_is_not_a_checkpoint(tmp_path):
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_bf16_on_cpu_stores_the_gpt_in_bf16_and_auto_keeps_fp32(paths):
+    """--precision bf16 on a CPU: the GPT's weights in bf16 (decode steps read half the bytes); the default
+    stays fp32. Both sample valid, reproducible images."""
+    fp32 = TextToImage.from_paths(paths["vqgan"], paths["gpt"], paths["clip"], device="cpu")
+    bf16 = TextToImage.from_paths(paths["vqgan"], paths["gpt"], paths["clip"], device="cpu", precision="bf16")
+    assert next(fp32.gpt.parameters()).dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in bf16.gpt.parameters())
+    a = bf16("a red circle", n_candidates=4, keep=2, seed=3, batch_size=4)
+    b = bf16("a red circle", n_candidates=4, keep=2, seed=3, batch_size=4)
+    assert torch.equal(a.tokens, b.tokens) and a.images.dtype == torch.float32
+    assert a.images.min() >= -1 and a.images.max() <= 1 and a.tokens.max() < fp32.vqgan.cfg.n_codes
