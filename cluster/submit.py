@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import submitit
@@ -52,10 +51,10 @@ class UsageError(Exception):
 # ----------------------------------------------------------------------------------------- the job itself
 
 def master_port(job_id: str) -> int:
-    """The same port on every task of a job and of its requeued runs (Slurm keeps the job id on requeue);
-    engine/launch.py's rule for srun without this launcher, so both ways of starting a job agree."""
-    base = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
-    return 15000 + base % 20000
+    """engine/launch.py's port rule for a Slurm job, so both ways of starting a job agree."""
+    from engine.launch import job_port
+
+    return job_port(job_id)
 
 
 def has_flag(args: list[str], flag: str) -> bool:

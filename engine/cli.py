@@ -1,6 +1,7 @@
 """Entry-point glue: user errors end in one line and a non-zero exit; bugs keep their traceback."""
 from __future__ import annotations
 
+import os
 import sys
 
 from engine.checkpoint import CheckpointError
@@ -23,7 +24,7 @@ def run(main, args) -> None:
     from engine import launch
 
     found = launch.detect()
-    if found.kind == "hfai" and not launch.os.environ.get(launch.SPAWNED_FLAG):
+    if found.kind == "hfai" and not os.environ.get(launch.SPAWNED_FLAG):
         launch.spawn_per_gpu(found, run, main, args)
         return
     try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -109,10 +110,16 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def job_port(job_id: str) -> int:
+    """The rendezvous port of a Slurm job: the same on every task and after a requeue (the job id stays)."""
+    base = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
+    return 15000 + base % 20000
+
+
 def slurm_port(env: Mapping[str, str]) -> int:
     if env.get("MASTER_PORT"):
         return _int(env, "MASTER_PORT")
-    return 15000 + _int(env, "SLURM_JOB_ID", 0) % 20000
+    return job_port(env.get("SLURM_JOB_ID", "0").strip() or "0")
 
 
 def detect(env: Mapping[str, str] | None = None, hfai: bool | None = None) -> Launch:
@@ -128,8 +135,7 @@ def detect(env: Mapping[str, str] | None = None, hfai: bool | None = None) -> La
         kind = "hfai" if env.get(SPAWNED_FLAG) == "hfai" else "torchrun"
         return Launch(kind, _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK", 0),
                       env.get("MASTER_ADDR"), _int(env, "MASTER_PORT", 29500) if env.get("MASTER_PORT") else None,
-                      _int(env, "GROUP_WORLD_SIZE", 1) if "GROUP_WORLD_SIZE" in env else 1,
-                      _int(env, "GROUP_RANK", 0))
+                      _int(env, "GROUP_WORLD_SIZE", 1), _int(env, "GROUP_RANK", 0))
     if "SLURM_PROCID" in env and "SLURM_LOCALID" in env:
         world = _int(env, "SLURM_STEP_NUM_TASKS", 0) or _int(env, "SLURM_NTASKS", 1)
         if world > 1:
