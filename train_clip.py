@@ -123,7 +123,8 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    fused = D.fused_optimizer(next(model.parameters()).device)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
 def attention_backend(device: torch.device):

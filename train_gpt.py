@@ -226,8 +226,8 @@ def main(args) -> None:
         FS.shard(raw, env.device)
         if ema is not None:
             FS.shard(ema.model, env.device)
-    fused = env.device.type == "cuda"
-    opt = torch.optim.AdamW(raw.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=fused)
+    opt = torch.optim.AdamW(raw.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+                            fused=D.fused_optimizer(env.device))
     if state:
         if fsdp:
             FS.load_optimizer_state(raw, opt, state["optimizer"])

@@ -178,8 +178,9 @@ def main(args) -> None:
     raw = VQGAN(cfg).to(env.device)
     disc_raw = PatchDiscriminator().to(env.device)
     ema = EMA(raw, args.ema_decay) if args.ema_decay > 0 else None
-    opt_g = torch.optim.Adam(raw.parameters(), lr=args.lr, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    fused = D.fused_optimizer(env.device)
+    opt_g = torch.optim.Adam(raw.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
+    opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
     amp_dtype = D.autocast_dtype(args.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=False)  # bf16 needs no loss scaling
     step, best, skipped = 0, -float("inf"), 0

@@ -67,6 +67,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def fused_optimizer(device: torch.device) -> bool:
+    """Whether Adam/AdamW take fused=True on `device`: PyTorch has fused kernels for CUDA and CPU (one pass
+    over each parameter instead of the foreach path's several; 0.18 -> 0.07 s per step for the 8x512 GPT on
+    the 2-core CPU, bench/train_gpt.py); other devices keep the default."""
+    return device.type in ("cuda", "cpu")
+
+
 def setup(requested_device: str | None = None) -> DistEnv:
     from engine import launch as L
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.dropout import Dropout, attention
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -116,7 +118,7 @@ class CausalSelfAttention(nn.Module):
         # q, k, v packed as rows [q; k; v] of one Linear: nn.MultiheadAttention's in_proj layout.
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = Dropout(cfg.dropout)
 
     def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0):  # (B, T, C) -> (B, T, C)
         B, T, C = x.shape
@@ -133,8 +135,7 @@ class CausalSelfAttention(nn.Module):
                 if T > 1:
                     pos = torch.arange(start + T, device=x.device)
                     mask = pos[None, :] <= pos[start:, None]                     # (T, start+T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, attn_mask=mask, is_causal=causal, p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -143,7 +144,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x):
         # Exact (erf) GELU as nn.TransformerEncoderLayer(activation="gelu"); the tanh form differs ~1e-4.
@@ -173,7 +174,7 @@ class GPT(nn.Module):
         self.null_prefix = nn.Parameter(torch.zeros(cfg.n_prefix, cfg.n_embd))
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Parameter(torch.zeros(1, cfg.n_positions, cfg.n_embd))  # CLIP-GEN's layout
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size)
