@@ -70,7 +70,7 @@ def encode_split(dataset, folder: Path, vqgan, clip, args, env: D.DistEnv, autoc
 
 def main(args) -> None:
     env = D.setup(args.device)
-    vqgan = load_vqgan(args.vqgan).to(env.device).requires_grad_(False)
+    vqgan = load_vqgan(args.vqgan).to(env.device).requires_grad_(False).channels_last()
     clip = load_clip(args.clip, device=env.device)
     amp = D.autocast_dtype(args.precision, env.device)
     autocast = torch.autocast(env.device.type, dtype=amp or torch.float32, enabled=amp is not None)

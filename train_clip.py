@@ -176,7 +176,7 @@ def main(args) -> None:
     step, best, metrics = 0, -1.0, {}
     if state:
         raw.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        ckpt.load_optimizer_state(opt, state["optimizer"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"], state.get("ema_updates", state["step"]))
         step, best, metrics = state["step"], state["best_min_accuracy"], state["metrics"]

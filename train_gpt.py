@@ -195,7 +195,7 @@ def main(args) -> None:
     if args.batch_size % env.world_size:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by {env.world_size} processes")
 
-    vqgan = load_vqgan(args.vqgan).to(env.device).eval().requires_grad_(False)
+    vqgan = load_vqgan(args.vqgan).to(env.device).eval().requires_grad_(False).channels_last()
     clip = load_clip(args.clip, device=env.device)
     amp = D.autocast_dtype(args.precision, env.device)
     autocast = torch.autocast(env.device.type, dtype=amp or torch.float32, enabled=amp is not None)
@@ -232,7 +232,7 @@ def main(args) -> None:
         if fsdp:
             FS.load_optimizer_state(raw, opt, state["optimizer"])
         else:
-            opt.load_state_dict(state["optimizer"])
+            ckpt.load_optimizer_state(opt, state["optimizer"])
     model = DDP(raw) if env.distributed and not fsdp else raw
     if isinstance(train_ds, torch.utils.data.IterableDataset):  # --stream
         train_loader, sampler = data.stream_loader(train_ds, args.batch_size, env, step, args.num_workers)

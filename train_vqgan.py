@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="autocast precision; auto = bf16 on CUDA and on CPUs with native bf16 "
                         "(AMX/AVX512-BF16), fp32 elsewhere")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC convolution weights and inputs for the VQGAN and discriminator (default on: "
+                        "2x faster f16-16384 steps on a CPU, see VQGAN.channels_last)")
     g.add_argument("--num-workers", type=int, default=1)
     g.add_argument("--log-every", type=int, default=50)
     g.add_argument("--val-every", type=int, default=500)
@@ -175,8 +178,9 @@ def main(args) -> None:
 
     loss_fn = VQLoss(args.pixel_loss, args.perceptual_weight, args.disc_weight, args.disc_start,
                      args.codebook_weight, args.lpips_vgg).to(env.device)
-    raw = VQGAN(cfg).to(env.device)
-    disc_raw = PatchDiscriminator().to(env.device)
+    raw = VQGAN(cfg).to(env.device).channels_last(args.channels_last)
+    nhwc = torch.channels_last if args.channels_last else torch.contiguous_format
+    disc_raw = PatchDiscriminator().to(env.device, memory_format=nhwc)
     ema = EMA(raw, args.ema_decay) if args.ema_decay > 0 else None
     fused = D.fused_optimizer(env.device)
     opt_g = torch.optim.Adam(raw.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
@@ -187,8 +191,8 @@ def main(args) -> None:
     if state:
         raw.load_state_dict(state["model"])
         disc_raw.load_state_dict(state["discriminator"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
+        ckpt.load_optimizer_state(opt_g, state["opt_g"])
+        ckpt.load_optimizer_state(opt_d, state["opt_d"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"], state.get("ema_updates", state["step"]))
@@ -219,7 +223,7 @@ def main(args) -> None:
     raw.train()
     while step < args.max_steps:
         batch = next(data_iter)
-        x = batch["image"].to(env.device, non_blocking=True)
+        x = batch["image"].to(env.device, non_blocking=True).contiguous(memory_format=nhwc)
         skipped += int(batch["skipped"].sum())
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
         set_lr((opt_g, opt_d), lr)

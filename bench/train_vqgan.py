@@ -31,7 +31,7 @@ def sizes(quick: bool, device: torch.device) -> dict:
             "f16-16384": dict(batch=8 if device.type == "cuda" else 2, steps=2, warmup=1)}
 
 
-def run_case(name: str, quick: bool, device: torch.device) -> dict:
+def run_case(name: str, quick: bool, device: torch.device) -> list[dict]:
     import train_vqgan as TV
     from datasets.shapes import ShapesDataset
     from models.discriminator import PatchDiscriminator
@@ -41,55 +41,65 @@ def run_case(name: str, quick: bool, device: torch.device) -> dict:
     spec = sizes(quick, device)[name]
     args = TV.parse_args(["--preset", name, "--perceptual-weight", "0", "--batch-size", str(spec["batch"])])
     cfg = TV.model_config(args)
-    torch.manual_seed(0)
-    loss_fn = VQLoss(args.pixel_loss, args.perceptual_weight, args.disc_weight, args.disc_start,
-                     args.codebook_weight, args.lpips_vgg).to(device)
-    model = VQGAN(cfg).to(device).train()
-    disc = PatchDiscriminator().to(device)
-    fused = D.fused_optimizer(device)
-    opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
     amp = D.autocast_dtype("auto", device)
     autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
     ds = ShapesDataset("unlabeled-train", length=1000, resolution=cfg.resolution)
     B, gan_step = spec["batch"], args.disc_start
-    pos = [0]
+    rows = []
+    # train_vqgan.py's default (--channels-last) first, then the contiguous layout it replaces.
+    for nhwc in (torch.channels_last, torch.contiguous_format):
+        torch.manual_seed(0)
+        loss_fn = VQLoss(args.pixel_loss, args.perceptual_weight, args.disc_weight, args.disc_start,
+                         args.codebook_weight, args.lpips_vgg).to(device)
+        model = VQGAN(cfg).to(device).train().channels_last(nhwc == torch.channels_last)
+        disc = PatchDiscriminator().to(device, memory_format=nhwc)
+        fused = D.fused_optimizer(device)
+        opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
+        pos = [0]
 
-    def step():
-        x = default_collate([ds[(pos[0] + i) % len(ds)] for i in range(B)])["image"].to(device)
-        pos[0] += B
-        with autocast:
-            x_rec, _, qloss, _ = model(x)
-        disc.requires_grad_(False)
-        g_loss, _ = loss_fn.generator_loss(x, x_rec.float(), qloss, gan_step, disc, model.last_layer)
-        disc.requires_grad_(True)
-        opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt_g.step()
-        with autocast:
-            d_loss, _ = loss_fn.discriminator_loss(disc, x, x_rec.detach())
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.float().backward()
-        opt_d.step()
+        def step():
+            x = default_collate([ds[(pos[0] + i) % len(ds)] for i in range(B)])["image"].to(device)
+            x = x.contiguous(memory_format=nhwc)
+            pos[0] += B
+            with autocast:
+                x_rec, _, qloss, _ = model(x)
+            disc.requires_grad_(False)
+            g_loss, _ = loss_fn.generator_loss(x, x_rec.float(), qloss, gan_step, disc, model.last_layer)
+            disc.requires_grad_(True)
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt_g.step()
+            with autocast:
+                d_loss, _ = loss_fn.discriminator_loss(disc, x, x_rec.detach())
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.float().backward()
+            opt_d.step()
 
-    tm = C.timeit(step, device, repeats=spec["steps"], warmup=spec["warmup"])
-    s = tm["median_s"]
-    return {"preset": name, "resolution": cfg.resolution, "grid": cfg.grid_size, "codes": cfg.n_codes,
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "batch": B,
-            "precision": "bf16 autocast" if amp else "fp32", "lpips": "off (weight 0, no VGG16 weights)",
-            "step_s": s, "min_s": tm["min_s"], "max_s": tm["max_s"], "repeats": spec["steps"],
-            "images_per_s": B / s}
+        tm = C.timeit(step, device, repeats=spec["steps"], warmup=spec["warmup"])
+        s = tm["median_s"]
+        rows.append({"preset": name, "resolution": cfg.resolution, "grid": cfg.grid_size, "codes": cfg.n_codes,
+                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "batch": B,
+                     "precision": "bf16 autocast" if amp else "fp32", "lpips": "off (weight 0, no VGG16 weights)",
+                     "memory_format": "channels-last" if nhwc == torch.channels_last else "contiguous",
+                     "step_s": s, "min_s": tm["min_s"], "max_s": tm["max_s"], "repeats": spec["steps"],
+                     "images_per_s": B / s})
+    for r in rows:
+        r["speedup_vs_contiguous"] = rows[1]["step_s"] / r["step_s"]
+    return rows
 
 
 COLUMNS = [("case", "preset"), ("resolution", "px"), ("params_m", "VQGAN params (M)"), ("batch", "batch"),
-           ("precision", "precision"), ("lpips", "perceptual loss"), ("step_s", "s / GAN step (median)"),
-           ("images_per_s", "images/s"), ("peak_rss_mb", "peak RSS (MiB)")]
+           ("precision", "precision"), ("lpips", "perceptual loss"), ("memory_format", "layout"),
+           ("step_s", "s / GAN step (median)"), ("images_per_s", "images/s"),
+           ("speedup_vs_contiguous", "× contiguous"), ("peak_rss_mb", "peak RSS (MiB)")]
 NOTES = ["Full GAN step: generator (pixel + codebook + adaptive GAN loss) and discriminator update, grad clip, "
          "Adam; batch fetch (Shapes render) included.",
          "LPIPS disabled (weight 0) everywhere: VGG16 weights are not available here; f16-16384's real recipe "
-         "uses weight 1.0."]
+         "uses weight 1.0.",
+         "layout: channels-last (NHWC weights and inputs, train_vqgan.py's default) or contiguous (NCHW)."]
 
 
 def main(argv=None):

@@ -66,6 +66,23 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
 
 
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """opt.load_state_dict(state), then each per-parameter tensor (Adam's moments) laid out as its parameter.
+
+    load_state_dict keeps the saved strides, and the fused Adam kernels walk a parameter and its moments as
+    if they had the same layout: a checkpoint written with --channels-last and resumed with
+    --no-channels-last (or the reverse) paired the wrong elements without any error (PyTorch 2.14;
+    tests/test_checkpoint_layout.py). Copying each moment into a tensor strided like its parameter fixes it.
+    """
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for key, value in st.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {

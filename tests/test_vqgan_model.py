@@ -143,3 +143,34 @@ def test_vq_loss_trains_codebook_and_encoder():
     assert model.quantize.embedding.weight.grad.abs().sum() > 0
     assert model.encoder.conv_in.weight.grad.abs().sum() > 0
     assert model.decoder.conv_out.weight.grad is None
+
+
+def test_channels_last_computes_the_same_and_keeps_the_state_dict(tmp_path):
+    from engine.checkpoint import save_weights
+    from models.convert import load_vqgan
+
+    a = tiny_model(seed=3).eval()
+    b = tiny_model(seed=3).eval().channels_last()
+    assert b.nhwc and b.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not b.encoder.conv_in.weight.is_contiguous()
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16) * 2 - 1                      # plain NCHW input: encode converts it
+    with torch.no_grad():
+        qa, ia, la, _ = a.encode(x)
+        qb, ib, lb, _ = b.encode(x)
+        assert qb.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(qb, qa, rtol=1e-5, atol=1e-5)
+        assert torch.equal(ia, ib)
+        torch.testing.assert_close(b.decode(qb), a.decode(qa), rtol=1e-4, atol=1e-5)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # A channels-last state dict loads into a contiguous model and back, and channels_last(False) undoes it.
+    c = tiny_model(seed=9)
+    c.load_state_dict(sb)
+    assert c.encoder.conv_in.weight.is_contiguous() and torch.equal(c.encoder.conv_in.weight, sa["encoder.conv_in.weight"])
+    # The exporter's writer takes it as it is (safetensors needs contiguous tensors: it makes them so).
+    save_weights(tmp_path / "v.safetensors", "vqgan", b.cfg.to_dict(), sb, dtype=None)
+    d = load_vqgan(tmp_path / "v.safetensors")
+    assert all(torch.equal(d.state_dict()[k], sa[k]) for k in sa)
+    b.channels_last(False)
+    assert not b.nhwc and b.encoder.conv_in.weight.is_contiguous()
