@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--strategy", choices=FS.STRATEGIES, default="ddp",
                    help="with several processes: ddp (a full copy per rank) or fsdp (parameters, gradients and "
                         "optimizer state sharded over the ranks; checkpoints are the same full state dicts)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (one-off compile time; measured no faster on a CPU, "
+                        "see README Performance)")
     g.add_argument("--ema-decay", type=float, default=0.999, help="0 = no EMA")
     g.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
     g = p.add_argument_group("run")
@@ -234,6 +237,8 @@ def main(args) -> None:
         else:
             ckpt.load_optimizer_state(opt, state["optimizer"])
     model = DDP(raw) if env.distributed and not fsdp else raw
+    if args.compile:  # training forward only: validation, EMA, sampling and checkpoints use the plain modules
+        model = torch.compile(model)
     if isinstance(train_ds, torch.utils.data.IterableDataset):  # --stream
         train_loader, sampler = data.stream_loader(train_ds, args.batch_size, env, step, args.num_workers)
     else:

@@ -77,7 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(AMX/AVX512-BF16), fp32 elsewhere")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC convolution weights and inputs for the VQGAN and discriminator (default on: "
-                        "2x faster f16-16384 steps on a CPU, see VQGAN.channels_last)")
+                        "1.3x faster f16-16384 GAN steps on a CPU, see VQGAN.channels_last)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the VQGAN's training forward (one-off compile time; measured no faster "
+                        "on a CPU, see README Performance)")
     g.add_argument("--num-workers", type=int, default=1)
     g.add_argument("--log-every", type=int, default=50)
     g.add_argument("--val-every", type=int, default=500)
@@ -204,6 +207,13 @@ def main(args) -> None:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by {env.world_size} processes")
     model = DDP(raw, broadcast_buffers=False) if env.distributed else raw
     disc = DDP(disc_raw, broadcast_buffers=False) if env.distributed else disc_raw
+    if args.compile:  # training forward only: validation, EMA and checkpoints use the plain modules
+        # The adaptive GAN weight differentiates the loss twice (autograd.grad(..., retain_graph=True)),
+        # which compiled backwards with donated buffers refuse (found by tests/test_train_vqgan.py).
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
+        model = torch.compile(model)
     train_loader, val_loader, sampler = build_loaders(args, env, cfg, step)
     lpips_val = loss_fn.perceptual
     if lpips_val is None and lpips_available(args.lpips_vgg):

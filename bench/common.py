@@ -107,6 +107,31 @@ def timeit(fn: Callable[[], object], device: torch.device, repeats: int = 3, war
             "times_s": times, "repeats": repeats, "warmup": warmup}
 
 
+def timeit_interleaved(fns: list[Callable[[], object]], device: torch.device, repeats: int = 3,
+                       warmup: int = 1) -> list[dict]:
+    """Like timeit for several functions, run in turn (f1 f2 ... f1 f2 ...), so a machine whose speed drifts
+    (a shared VM: ~40% over an evening here) slows each alike. Each dict also has `times_s` in round order,
+    for per-round ratios (ratio_of_medians)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[i].append(time.perf_counter() - t)
+    return [{"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "times_s": ts,
+             "repeats": repeats, "warmup": warmup} for ts in times]
+
+
+def round_ratio(slow: list[float], fast: list[float]) -> float:
+    """Median over rounds of slow[r] / fast[r]: the speed-up measured within each round."""
+    return statistics.median(a / b for a, b in zip(slow, fast))
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -118,6 +143,58 @@ def peak_memory_mb(device: torch.device) -> dict:
     if device.type == "cuda":
         out["peak_cuda_alloc_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+# ------------------------------------------------------------------ FLOPs, bandwidth, utilisation
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched on the name
+# torch.cuda.get_device_name reports. Unknown devices (and CPUs) get no MFU, only achieved TFLOP/s.
+PEAK_BF16_TFLOPS = [("H200", 989.4), ("H100 SXM", 989.4), ("H100 80GB HBM3", 989.4), ("H100 NVL", 835.0),
+                    ("H100 PCIe", 756.0), ("H100", 756.0), ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0),
+                    ("A10G", 70.0), ("T4", 65.0)]
+
+
+def peak_bf16_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf for key, tf in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def gpt_train_flops_per_token(cfg) -> float:
+    """Model FLOPs of one training token (forward + backward = 3 x forward), the PaLM convention: 6 per
+    matmul weight (blocks: 12 C^2 per layer; the vocabulary head: C V) plus attention's 12 L C T, T the
+    sequence length (full, not halved for causality). Embedding lookups and norms are not counted."""
+    C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    T = cfg.n_prefix + cfg.n_tokens - 1
+    return 6 * (12 * L * C * C + C * V) + 12 * L * C * T
+
+
+def measure_bandwidth(device: torch.device, mib: int = 512, repeats: int = 5) -> float:
+    """Device memory bandwidth in GB/s from a large copy (bytes read + bytes written per copy; median)."""
+    n = mib * 2**20 // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e9
+
+
+def decode_bytes_per_step(cfg, rows: int, n_steps: int, weight_bytes: int, kv_bytes: int) -> float:
+    """Bytes a KV-cache decode step must read, averaged over n_steps steps of `rows` sequences: every weight
+    matrix the step multiplies (blocks, final norm, vocabulary head; not the embedding tables, of which it
+    reads one row each) and the cached keys and values up to the current position (average position)."""
+    C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    weights = (L * (12 * C * C + 13 * C) + C * V + V + 2 * C) * weight_bytes
+    mean_len = cfg.n_prefix + (n_steps - 1) / 2
+    kv = 2 * L * rows * mean_len * C * kv_bytes
+    return weights + kv
 
 
 # --------------------------------------------------------------------------------------- arguments

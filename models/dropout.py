@@ -59,13 +59,19 @@ class Dropout(nn.Module):
 
 
 def attention_with_dropout(q, k, v, p: float, causal: bool = True) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) [causal]) with `dropout` on the weights, @ v: SDPA's math path, spelled out."""
-    T, S = q.shape[-2], k.shape[-2]
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    """softmax(q k^T / sqrt(d) [causal]) with `dropout` on the weights, @ v: SDPA's math path, spelled out.
+    The scale and the causal mask ride on one baddbmm (an additive -inf bias), not two more passes."""
+    *lead, T, d = q.shape
+    S = k.shape[-2]
+    q3, k3 = q.reshape(-1, T, d), k.reshape(-1, S, d)
+    scale = 1.0 / math.sqrt(d)
     if causal:
-        allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-        att = att.masked_fill(~allowed, float("-inf"))
-    att = dropout(att.softmax(-1), p)
+        bias = torch.zeros(T, S, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(torch.ones(T, S, dtype=torch.bool, device=q.device).tril().logical_not_(), float("-inf"))
+        att = torch.baddbmm(bias.expand(q3.shape[0], T, S), q3, k3.transpose(1, 2), alpha=scale)
+    else:
+        att = torch.bmm(q3, k3.transpose(1, 2)) * scale
+    att = dropout(att.view(*lead, T, S).softmax(-1), p)
     return att.to(v.dtype) @ v
 
 

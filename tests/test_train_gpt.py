@@ -159,3 +159,17 @@ def test_gpt_refuses_shards_of_another_vqgan(frozen, tmp_path):
                         "--out-dir", str(tmp_path / "o")], cwd=REPO, env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and "re-run preencode.py" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # ~1-2 min: torch.compile's one-off compile of the tiny GPT on a CPU
+def test_gpt_compile_flag_trains_like_eager(frozen, tmp_path):
+    # Dropout off and fp32, so the compiled forward differs from eager by summation order only.
+    common = ["--shards", str(frozen / "enc-unlabeled"), "--max-steps", "4", "--val-every", "4", "--dropout", "0",
+              "--precision", "fp32", "--save-every", "4"]
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        r = run_gpt(frozen, common + extra + ["--out-dir", str(tmp_path / name)], timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (load_state(tmp_path / n / "latest.pt") for n in ("eager", "compiled"))
+    assert a["model"].keys() == b["model"].keys()          # no torch.compile "_orig_mod." prefixes
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-4, rtol=0), k

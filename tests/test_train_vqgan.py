@@ -223,3 +223,16 @@ def test_channels_last_trains_like_contiguous_and_resumes_across_layouts(tmp_pat
     # The layouts really differ: the channels-last run's checkpoint holds NHWC-strided conv weights.
     w = load_state(tmp_path / "nhwc" / "latest.pt")["model"]["encoder.conv_in.weight"]
     assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+
+@pytest.mark.slow  # ~2-3 min: torch.compile's one-off compile of the VQGAN on a CPU
+def test_compile_flag_trains_like_eager(tmp_path):
+    common = ["--shapes-train-size", "40", "--max-steps", "3", "--disc-start", "1", "--disc-weight", "0.5",
+              "--val-every", "100", "--save-every", "3", "--num-workers", "0", "--precision", "fp32"]
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        r = run_train(common + extra + ["--out-dir", str(tmp_path / name)], timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (load_state(tmp_path / n / "latest.pt") for n in ("eager", "compiled"))
+    assert a["model"].keys() == b["model"].keys()          # no torch.compile "_orig_mod." prefixes
+    weights = {k: v for k, v in b["model"].items() if k != "quantize.usage"}
+    assert_same_tensors(weights, {k: a["model"][k] for k in weights}, atol=1e-4)
