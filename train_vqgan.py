@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(AMX/AVX512-BF16), fp32 elsewhere")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC convolution weights and inputs for the VQGAN and discriminator (default on: "
-                        "1.3x faster f16-16384 GAN steps on a CPU, see VQGAN.channels_last)")
+                        "1.26-1.5x faster f16-16384 GAN steps on a CPU, see VQGAN.channels_last)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the VQGAN's training forward (one-off compile time; measured no faster "
                         "on a CPU, see README Performance)")

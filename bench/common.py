@@ -127,6 +127,21 @@ def timeit_interleaved(fns: list[Callable[[], object]], device: torch.device, re
              "repeats": repeats, "warmup": warmup} for ts in times]
 
 
+def time_variants(fns: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int,
+                  first_alone: bool = False) -> tuple[list[dict], list[float]]:
+    """timeit_interleaved over the variants of a case; with first_alone, each variant's first call is timed
+    on its own before (a torch.compile'd variant's includes the compile). Returns (timings, first-call s)."""
+    first = []
+    if first_alone:
+        for fn in fns:
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            first.append(time.perf_counter() - t)
+    return timeit_interleaved(fns, device, repeats=repeats, warmup=warmup), first
+
+
 def round_ratio(slow: list[float], fast: list[float]) -> float:
     """Median over rounds of slow[r] / fast[r]: the speed-up measured within each round."""
     return statistics.median(a / b for a, b in zip(slow, fast))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -165,15 +164,10 @@ def run_case(name: str, quick: bool, device: torch.device) -> list[dict]:
         return step, sum(p.numel() for p in model.parameters()) / 1e6
 
     steps = [make_step(ds, impl, fo) for _, ds, impl, fo in variants]
-    first_step = []
-    if spec.get("compile"):  # the first step of each, alone: the compiled one includes the compile
-        for st, _ in steps:
-            t0 = time.perf_counter()
-            st()
-            C.sync(device)
-            first_step.append(time.perf_counter() - t0)
-    # The variants take turns step by step, so the VM's speed drift hits each alike.
-    timings = C.timeit_interleaved([st for st, _ in steps], device, repeats=spec["steps"], warmup=spec["warmup"])
+    # The variants take turns step by step, so the VM's speed drift hits each alike; a compiled variant's
+    # first step (the compile) is timed on its own.
+    timings, first_step = C.time_variants([st for st, _ in steps], device, spec["steps"], spec["warmup"],
+                                          first_alone=bool(spec.get("compile")))
     peak = C.peak_bf16_tflops(device)
     rows = []
     for (path, _, dropout_impl, fused_opt), (_, params_m), tm in zip(variants, steps, timings):

@@ -13,7 +13,6 @@ slower than reported by one VGG16 forward/backward. Images: Shapes renders at th
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -109,15 +108,10 @@ def run_case(name: str, quick: bool, device: torch.device) -> list[dict]:
         return step, sum(p.numel() for p in model.parameters()) / 1e6
 
     steps = [make_step(*v) for v in variants]
-    first_step = []
-    if spec.get("compile"):  # the first step of each, alone: the compiled one includes the compile
-        for st, _ in steps:
-            t0 = time.perf_counter()
-            st()
-            C.sync(device)
-            first_step.append(time.perf_counter() - t0)
-    # The layouts take turns step by step, so the VM's speed drift hits each alike.
-    timings = C.timeit_interleaved([st for st, _ in steps], device, repeats=spec["steps"], warmup=spec["warmup"])
+    # The layouts take turns step by step, so the VM's speed drift hits each alike; a compiled variant's
+    # first step (the compile) is timed on its own.
+    timings, first_step = C.time_variants([st for st, _ in steps], device, spec["steps"], spec["warmup"],
+                                          first_alone=bool(spec.get("compile")))
     rows = []
     for (nhwc, compiled), (_, params_m), tm in zip(variants, steps, timings):
         s = tm["median_s"]

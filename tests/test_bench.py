@@ -87,3 +87,33 @@ def test_extrapolation_of_a_linear_cost():
     total, fit = S.extrapolate(times, 16)
     assert fit["fit_b_s_per_token"] == pytest.approx(0.1)
     assert total == pytest.approx(sum(times) + sum(1.0 + 0.1 * i for i in range(8, 16)))
+
+
+def test_flop_and_byte_counts_match_a_real_gpt():
+    from bench import common as C
+
+    cfg = GPTConfig(vocab_size=300, n_tokens=16, n_layer=3, n_head=4, n_embd=64, cond_dim=8, n_prefix=2)
+    gpt = GPT(cfg)
+    blocks_w = sum(m.weight.numel() for m in gpt.blocks.modules() if isinstance(m, torch.nn.Linear))
+    head_w = gpt.head.weight.numel()
+    T = cfg.n_prefix + cfg.n_tokens - 1
+    assert C.gpt_train_flops_per_token(cfg) == 6 * (blocks_w + head_w) + 12 * cfg.n_layer * cfg.n_embd * T
+    # Weights a decode step reads: everything but the embedding tables, the condition projection and the
+    # null prefix (used at the first step only); KV cache: 2 x layers x rows x mean length x width.
+    skip = ("tok_emb.", "pos_emb", "cond_proj.", "null_prefix")
+    read = sum(p.numel() for n, p in gpt.named_parameters() if not n.startswith(skip))
+    rows, steps = 5, 16
+    kv = 2 * cfg.n_layer * rows * (cfg.n_prefix + (steps - 1) / 2) * cfg.n_embd
+    assert C.decode_bytes_per_step(cfg, rows, steps, 2, 4) == pytest.approx(2 * read + 4 * kv)
+
+
+def test_interleaved_timing_takes_turns_and_ratios_are_per_round():
+    from bench import common as C
+
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    timings, first = C.time_variants(fns, torch.device("cpu"), repeats=3, warmup=1, first_alone=True)
+    assert calls == ["a", "b"] * 5 and len(first) == 2          # first alone, warm-up, 3 rounds
+    assert [len(t["times_s"]) for t in timings] == [3, 3]
+    assert C.round_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0  # median of 2, 4, 3
+    assert C.peak_bf16_tflops(torch.device("cpu")) is None
