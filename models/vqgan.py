@@ -6,7 +6,7 @@ Module names follow taming-transformers exactly (``encoder.down.0.block.0.norm1`
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F

@@ -19,7 +19,7 @@ from PIL import Image
 from engine.checkpoint import CheckpointError
 from models.clip import CLIP, ZERO_SHOT_ATTRIBUTES, attribute_prompts, build_open_clip, load_clip, zero_shot_accuracy
 from tests.conftest import COMPAT_DIR, REPO
-from tests.test_train_vqgan import _env, _free_port, assert_same_tensors, load_state
+from tests.test_train_vqgan import _env, _free_port, assert_same_tensors, interrupt_at, load_state
 from train_clip import PRESETS, WHITE_ZERO
 
 TINY = PRESETS["tiny"]["open_clip_config"]  # 32 px ViT, context 32
@@ -311,14 +311,9 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
     assert full.returncode == 0, full.stderr
 
     out = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "train_clip.py", *BASE, *common, "--out-dir", str(out)], cwd=REPO,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 3/10"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
+    rc, stdout, stderr = interrupt_at([sys.executable, "train_clip.py", *BASE, *common, "--out-dir", str(out)],
+                                      "step 3/10", signal.SIGTERM)
+    assert rc == 0, stderr
     assert "received SIGTERM" in stdout
     stopped_at = load_state(out / "latest.pt")["step"]
     assert 3 <= stopped_at < 10

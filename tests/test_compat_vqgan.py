@@ -1,9 +1,7 @@
 """VQGAN importers (models/convert.py): CLIP-GEN and taming-transformers checkpoints reproduce the outputs
 their own code computed; configs inferred from shapes match the real ones; our own checkpoints round-trip."""
 import json
-import os
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch

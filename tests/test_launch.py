@@ -12,7 +12,7 @@ import torch
 from engine import launch as L
 from tests.conftest import REPO
 from tests.test_train_gpt import run_gpt
-from tests.test_train_vqgan import _env, _free_port, load_state
+from tests.test_train_vqgan import _env, _free_port, interrupt_at, load_state
 
 # --- detection from each launcher's environment -----------------------------------------------------------
 
@@ -216,14 +216,8 @@ def test_sigusr1_saves_and_a_relaunch_continues_at_the_next_step(frozen, tmp_pat
     """Slurm's preemption warning (--signal=USR1@T): save, exit 0; the requeued job goes on from there."""
     args = ["--max-steps", "40", "--val-every", "100", "--sample-every", "0", "--save-every", "100",
             "--out-dir", str(tmp_path)]
-    proc = subprocess.Popen(gpt_cmd(frozen, args), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 3/40"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
+    rc, out, err = interrupt_at(gpt_cmd(frozen, args), "step 3/40", signal.SIGUSR1)
+    assert rc == 0, err
     assert "received SIGUSR1" in out
     stopped = load_state(tmp_path / "latest.pt")["step"]
     assert 3 <= stopped < 40

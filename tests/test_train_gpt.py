@@ -15,7 +15,7 @@ from models.convert import load_vqgan
 from models.vqgan import VQGAN, VQGANConfig
 from tests.conftest import REPO
 from tests.tiny import TINY_VQGAN
-from tests.test_train_vqgan import _env, _free_port, load_state
+from tests.test_train_vqgan import _env, _free_port, interrupt_at, load_state
 
 
 def test_preencoded_shards_round_trip(frozen):
@@ -105,13 +105,8 @@ def test_gpt_sigterm_then_resume_equals_uninterrupted_run(frozen, tmp_path):
     cmd = [sys.executable, "train_gpt.py", "--vqgan", str(frozen / "vqgan.pt"), "--clip", str(frozen / "clip.pt"),
            "--batch-size", "8", "--no-tensorboard", "--log-every", "1", "--num-workers", "0", "--prompts", "a red circle",
            "--warmup-steps", "2", *common, "--out-dir", str(tmp_path / "cut")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 4/16"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
+    rc, stdout, stderr = interrupt_at(cmd, "step 4/16", signal.SIGTERM)
+    assert rc == 0, stderr
     assert "received SIGTERM" in stdout
     stopped = load_state(tmp_path / "cut" / "latest.pt")["step"]
     assert 4 <= stopped < 16

@@ -6,8 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +31,21 @@ def _env():
         if k in LAUNCHER_VARS or k.startswith(("SLURM_", "TORCHELASTIC_", "CLIPGEN_")):
             del env[k]
     return env
+
+
+def interrupt_at(cmd, line_prefix: str, sig, timeout=300, env=None):
+    """Run cmd (in the repo, unbuffered); send `sig` when a stdout line starts with line_prefix, then wait.
+    Returns (returncode, all of stdout, stderr): how the signal tests stop a trainer mid-run."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(line_prefix):
+            proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, "".join(seen) + out, err
 
 
 def run_train(args, timeout=300, prefix=None):
@@ -82,14 +95,9 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
     assert full.returncode == 0, full.stderr
 
     out = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "train_vqgan.py", *BASE, *common, "--out-dir", str(out)],
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 4/14"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
+    rc, stdout, stderr = interrupt_at([sys.executable, "train_vqgan.py", *BASE, *common, "--out-dir", str(out)],
+                                      "step 4/14", signal.SIGTERM)
+    assert rc == 0, stderr
     assert "received SIGTERM" in stdout
     stopped_at = load_state(out / "latest.pt")["step"]
     assert 4 <= stopped_at < 14
