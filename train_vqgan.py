@@ -105,6 +105,16 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) / 2)
 
 
+def compile_for_training(model):
+    """torch.compile for train_vqgan's step. The adaptive GAN weight differentiates the loss twice
+    (autograd.grad(..., retain_graph=True)), which compiled backwards with donated buffers refuse (found by
+    tests/test_train_vqgan.py), so those are off."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
+    return torch.compile(model)
+
+
 @torch.no_grad()
 def validate(model: VQGAN, loader, env: D.DistEnv, autocast, lpips_model=None, max_batches: int = 0):
     """L1, PSNR (dB, per image, averaged), LPIPS, code usage and perplexity over this rank's share of the
@@ -181,7 +191,7 @@ def main(args) -> None:
     loss_fn = VQLoss(args.pixel_loss, args.perceptual_weight, args.disc_weight, args.disc_start,
                      args.codebook_weight, args.lpips_vgg).to(env.device)
     raw = VQGAN(cfg).to(env.device).channels_last(args.channels_last)
-    nhwc = torch.channels_last if args.channels_last else torch.contiguous_format
+    nhwc = raw.memory_format  # the discriminator and the batches follow the VQGAN's layout
     disc_raw = PatchDiscriminator().to(env.device, memory_format=nhwc)
     ema = EMA(raw, args.ema_decay) if args.ema_decay > 0 else None
     fused = D.fused_optimizer(env.device)
@@ -207,12 +217,7 @@ def main(args) -> None:
     model = DDP(raw, broadcast_buffers=False) if env.distributed else raw
     disc = DDP(disc_raw, broadcast_buffers=False) if env.distributed else disc_raw
     if args.compile:  # training forward only: validation, EMA and checkpoints use the plain modules
-        # The adaptive GAN weight differentiates the loss twice (autograd.grad(..., retain_graph=True)),
-        # which compiled backwards with donated buffers refuse (found by tests/test_train_vqgan.py).
-        import torch._functorch.config as functorch_config
-
-        functorch_config.donated_buffer = False
-        model = torch.compile(model)
+        model = compile_for_training(model)
     train_loader, val_loader, sampler = build_loaders(args, env, cfg, step)
     lpips_val = loss_fn.perceptual
     if lpips_val is None and lpips_available(args.lpips_vgg):

@@ -75,12 +75,8 @@ def run_case(name: str, quick: bool, device: torch.device) -> list[dict]:
         loss_fn = VQLoss(args.pixel_loss, args.perceptual_weight, args.disc_weight, args.disc_start,
                          args.codebook_weight, args.lpips_vgg).to(device)
         model = VQGAN(cfg).to(device).train().channels_last(nhwc == torch.channels_last)
-        if compiled:  # as train_vqgan.py --compile
-            import torch._functorch.config as functorch_config
-
-            functorch_config.donated_buffer = False
-        forward = torch.compile(model) if compiled else model
-        disc = PatchDiscriminator().to(device, memory_format=nhwc)
+        forward = TV.compile_for_training(model) if compiled else model   # as train_vqgan.py --compile
+        disc = PatchDiscriminator().to(device, memory_format=model.memory_format)
         fused = D.fused_optimizer(device)
         opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
         opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
@@ -88,7 +84,7 @@ def run_case(name: str, quick: bool, device: torch.device) -> list[dict]:
 
         def step():
             x = default_collate([ds[(pos[0] + i) % len(ds)] for i in range(B)])["image"].to(device)
-            x = x.contiguous(memory_format=nhwc)
+            x = x.contiguous(memory_format=model.memory_format)
             pos[0] += B
             with autocast:
                 x_rec, _, qloss, _ = forward(x)
