@@ -45,12 +45,17 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, z_flat: torch.Tensor) -> torch.Tensor:
         """Indices of the nearest codes for vectors (N, D) already normalised if l2_norm."""
-        cb = self.codebook()
-        # ||z||^2 + ||e||^2 - 2 z.e, the same expansion taming uses, so imported checkpoints pick the
-        # same codes as the code that trained them.
-        d = (z_flat.pow(2).sum(1, keepdim=True) + cb.pow(2).sum(1)
-             - 2 * torch.einsum("nd,kd->nk", z_flat, cb))
-        return d.argmin(dim=1)
+        # Always fp32, autocast or not: under bf16 autocast the einsum would round the distances to 8 bits
+        # of mantissa and the argmin would pick other codes than an fp32 encode (and than the code that
+        # trained an imported checkpoint) does.
+        with torch.autocast(z_flat.device.type, enabled=False):
+            cb = self.codebook().float()
+            z_flat = z_flat.float()
+            # ||z||^2 + ||e||^2 - 2 z.e, the same expansion taming uses, so imported checkpoints pick the
+            # same codes as the code that trained them.
+            d = (z_flat.pow(2).sum(1, keepdim=True) + cb.pow(2).sum(1)
+                 - 2 * torch.einsum("nd,kd->nk", z_flat, cb))
+            return d.argmin(dim=1)
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         """Code vectors for an index grid (B, h, w) -> (B, D, h, w)."""

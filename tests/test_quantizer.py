@@ -115,6 +115,48 @@ def test_stats_report_perplexity_and_batch_usage():
     assert stats["batch_usage"].item() == pytest.approx(len(idx.unique()) / 16)
 
 
+# ---------------------------------------------------------------- code search precision
+
+def _bf16_codes(q, z):
+    """Indices picked by an fp32 forward and by a forward under CPU bf16 autocast (training's setting)."""
+    _, ref, _, _ = q(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, got, _, _ = q(z)
+    return ref, got
+
+
+def test_bf16_autocast_picks_the_fp32_codes_when_the_gap_is_below_bf16_resolution():
+    # z = (1, 0); code 0 = (1.003, 0) is nearest (distance^2 9e-6), code 1 = (1, 0.0045) next (2.0e-5).
+    # In bf16, 1.003 rounds to 1.0 (spacing 2^-7 near 1), so a bf16 z.e puts code 0 at 6e-3 > code 1.
+    q = VectorQuantizer(2, 2)
+    q.embedding.weight.data = torch.tensor([[1.003, 0.0], [1.0, 0.0045]])
+    z = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
+    cb = q.embedding.weight.detach()
+    z_dot_e_bf16 = cb[:, 0].bfloat16().float()  # z.e = e_0, rounded as a bf16 matmul rounds its inputs
+    assert (1 + cb.pow(2).sum(1) - 2 * z_dot_e_bf16).argmin().item() == 1  # so the case is one bf16 flips
+    ref, got = _bf16_codes(q, z)
+    assert ref.item() == 0 and got.item() == 0
+
+
+def test_bf16_autocast_picks_the_fp32_codes_on_near_ties():
+    # Each z sits 0.02 off the midpoint of two codes (|a - b| ~ 11), towards a: a wins by 2*0.02*|a - b| ~ 0.5
+    # in distance^2, while bf16 rounds dot products of size ~100 to steps of 0.5.
+    g = torch.Generator().manual_seed(0)
+    cb = torch.randn(64, 8, generator=g) * 4
+    a, b = torch.randint(0, 64, (2, 256), generator=g)
+    a, b = a[a != b], b[a != b]
+    zf = (cb[a] + cb[b]) / 2 + 0.02 * F.normalize(cb[a] - cb[b], dim=1)  # (N, 8)
+    q = VectorQuantizer(64, 8)
+    q.embedding.weight.data = cb.clone()
+    ref, got = _bf16_codes(q, zf.T.reshape(1, 8, 1, -1))  # (1, D, 1, N): row order n
+    d = torch.cdist(zf.double(), cb.double())
+    top2 = d.topk(2, dim=1, largest=False).values
+    clear = (top2[:, 1] - top2[:, 0]) > 1e-3
+    assert clear.float().mean() > 0.9
+    assert torch.equal(ref.flatten()[clear], d.argmin(1)[clear])  # fp32 is the true nearest code
+    assert torch.equal(got, ref)
+
+
 # ---------------------------------------------------------------- dead-code restart
 
 def restart_setup(**kw):
