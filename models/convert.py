@@ -3,7 +3,9 @@
 * **project**: ``{"kind": "vqgan", "config": VQGANConfig.to_dict(), "model": state_dict, ["ema": ...]}``
   (``train_vqgan.py``), or a ``.safetensors`` file whose metadata holds ``kind`` and ``config`` (JSON);
 * **taming** (taming-transformers, Lightning): ``{"state_dict": ...}``; our module names are taming's, so
-  only the training loss (``loss.*``) is dropped;
+  only the training loss (``loss.*``) is dropped. The released ``last.ckpt`` files (Lightning 1.0.x) name
+  Lightning's ModelCheckpoint class in their pickle: ``read_checkpoint`` lets exactly that through as an
+  inert stand-in and refuses any other global, so they load without pytorch_lightning and run no code;
 * **clipgen** (CLIP-GEN): ``{"model": ...}`` with flat ``nn.Sequential`` stacks, renamed here to taming's
   per-level names.
 
@@ -20,6 +22,8 @@ codes were trained.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -43,18 +47,27 @@ _EXPECTED = ("expected a VQGAN checkpoint: ours (kind 'vqgan' with 'config' and 
              "'quantize.embedding.weight')")
 
 
+def is_project(obj, kind: str, where: str, expected: str) -> bool:
+    """True for a complete checkpoint of ours of `kind` ('vqgan', 'gpt'); False for a dict without 'kind' (a
+    foreign format, for the caller to recognise); CheckpointError (one line) for anything else."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{where}holds a {type(obj).__name__}, not a checkpoint dict; {expected}")
+    if "kind" not in obj:
+        return False
+    name = kind.upper()
+    if obj["kind"] != kind:
+        raise CheckpointError(f"{where}is a {obj['kind']!r} checkpoint, not a {name} one; pass the {name} "
+                              f"checkpoint (kind '{kind}', written by train_{kind}.py) instead")
+    if not isinstance(obj.get("config"), dict) or not isinstance(obj.get("model"), dict):
+        raise CheckpointError(f"{where}is a {name} checkpoint without 'config' and 'model' entries; it is "
+                              f"incomplete, pass a checkpoint written by train_{kind}.py")
+    return True
+
+
 def detect_format(obj, path=None) -> str:
     """'project', 'clipgen' or 'taming'; anything else raises CheckpointError (one line)."""
     where = f"{path}: " if path is not None else ""
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{where}holds a {type(obj).__name__}, not a checkpoint dict; {_EXPECTED}")
-    if "kind" in obj:
-        if obj["kind"] != "vqgan":
-            raise CheckpointError(f"{where}is a {obj['kind']!r} checkpoint, not a VQGAN one; pass the VQGAN "
-                                  "checkpoint (kind 'vqgan') instead")
-        if not isinstance(obj.get("config"), dict) or not isinstance(obj.get("model"), dict):
-            raise CheckpointError(f"{where}is a VQGAN checkpoint without 'config' and 'model' entries; "
-                                  "it is incomplete, pass a checkpoint written by train_vqgan.py")
+    if is_project(obj, "vqgan", where, _EXPECTED):
         return "project"
     model = obj.get("model")
     if isinstance(model, dict) and "quantizer.embedding.weight" in model \
@@ -243,10 +256,16 @@ def convert_clipgen(state_dict: dict) -> dict:
 
 def load_state(model: VQGAN, state_dict: dict, *, assign: bool = False) -> VQGAN:
     """Strict load; only our own quantizer buffers (usage counters) may be missing, taken from `model`."""
-    own = model.state_dict()
+    return strict_load(model, state_dict, _OWN_BUFFERS, assign=assign)
+
+
+def strict_load(model: torch.nn.Module, state_dict: dict, own: tuple = (), *, assign: bool = False):
+    """load_state_dict(strict=True) where the entries named in `own` (ours only, absent from foreign files)
+    may be missing and are taken from `model`; a mismatch is one CheckpointError line, not the key lists."""
+    mine = model.state_dict(keep_vars=False)
     sd = dict(state_dict)
-    for k in _OWN_BUFFERS:
-        sd.setdefault(k, own[k])
+    for k in own:
+        sd.setdefault(k, mine[k])
     try:
         model.load_state_dict(sd, strict=True, assign=assign)
     except RuntimeError as e:  # missing/unexpected keys or shape mismatches: one line, not the full list
@@ -255,26 +274,64 @@ def load_state(model: VQGAN, state_dict: dict, *, assign: bool = False) -> VQGAN
     return model
 
 
-def _read(path: Path, map_location) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"VQGAN checkpoint not found: {path}; pass the path of a .pt, .ckpt or "
-                              ".safetensors file")
-    try:
-        if path.suffix == ".safetensors":
-            return _read_safetensors(path, map_location)
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as e:  # truncated, foreign or not a checkpoint at all: say which file, not a traceback
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {first[:200]}); check that it is a "
-                              "complete, uncorrupted VQGAN checkpoint") from None
+# PyTorch Lightning 1.0.x (taming-transformers' released checkpoints) keys its `callbacks` dict by the
+# callback *class*, so the pickle holds a GLOBAL that weights_only refuses. These are exactly the Lightning
+# globals such files carry; each is let through as an inert stand-in (never imported, nothing runs) and
+# only for the duration of one load. Any other global is refused with one line.
+class _LightningStandIn:
+    """Takes the place of a Lightning class named in a checkpoint; holds no behaviour."""
+
+    def __init__(self, *args, **kwargs):
+        pass
 
 
-def _read_safetensors(path: Path, map_location) -> dict:
-    obj = ckpt.read_weights(path, map_location)
-    obj["kind"] = obj.get("kind") or "vqgan"
+LIGHTNING_GLOBALS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",)
+_STAND_INS = {name: type(name.rsplit(".", 1)[1], (_LightningStandIn,), {"qualified_name": name})
+              for name in LIGHTNING_GLOBALS}
+
+
+def _plain_callbacks(obj):
+    """A Lightning `callbacks` dict keyed by stand-in classes -> keyed by their qualified names (str), so
+    what the reader returns holds no stand-in and saves/loads like any plain checkpoint."""
+    cb = obj.get("callbacks") if isinstance(obj, dict) else None
+    if isinstance(cb, dict):
+        obj["callbacks"] = {k.qualified_name if isinstance(k, type) and issubclass(k, _LightningStandIn)
+                            else k: v for k, v in cb.items()}
     return obj
+
+
+def _refused_global(e: Exception) -> str | None:
+    """The global torch's weights_only unpickler refused to import, from its message; None otherwise."""
+    m = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", str(e))
+    return m.group(1) if m else None
+
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu", what: str = "VQGAN") -> dict:
+    """The object in a checkpoint file, read without running pickled code: .safetensors through
+    engine.checkpoint.read_weights; anything else (.pt, .ckpt) with torch.load(weights_only=True), the
+    Lightning globals above allowed as stand-ins. Every failure is a one-line CheckpointError naming the
+    file; `what` names the expected model in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} checkpoint not found: {path}; pass the path of a .pt, .ckpt or "
+                              ".safetensors file")
+    if path.suffix == ".safetensors":
+        return ckpt.read_weights(path, map_location)
+    try:
+        with torch.serialization.safe_globals([(c, n) for n, c in _STAND_INS.items()]):
+            return _plain_callbacks(torch.load(path, map_location=map_location, weights_only=True))
+    except Exception as e:  # truncated, foreign or not a checkpoint at all: say which file, not a traceback
+        name = _refused_global(e) if isinstance(e, pickle.UnpicklingError) else None
+        if name is not None:
+            raise CheckpointError(f"{path}: refused: its pickle names the Python global {name!r}, and loading "
+                                  "it would import and run code; only tensors, plain containers and Lightning's "
+                                  f"{', '.join(LIGHTNING_GLOBALS)} are allowed (re-save the weights as a plain "
+                                  "state dict or .safetensors)") from None
+        # torch wraps an unpickler's reason in advice to retry with weights_only=False: keep the reason only
+        m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+        first = m.group(1) if m else (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {first[:200]}); check that it is a "
+                              f"complete, uncorrupted {what} checkpoint") from None
 
 
 def load_vqgan(path: str | os.PathLike, *, use_ema: bool = True, resolution: int | None = None,
@@ -283,7 +340,9 @@ def load_vqgan(path: str | os.PathLike, *, use_ema: bool = True, resolution: int
     taming-transformers one. `resolution` is for the foreign formats, which do not record it (see the
     module docstring); a project checkpoint's config already holds it."""
     path = Path(path)
-    obj = _read(path, map_location)
+    obj = read_checkpoint(path, map_location, what="VQGAN")
+    if path.suffix == ".safetensors":
+        obj["kind"] = obj.get("kind") or "vqgan"  # exports from before 'kind' was written hold a VQGAN
     fmt = detect_format(obj, path)
     try:
         if fmt == "project":
@@ -304,5 +363,5 @@ def load_vqgan(path: str | os.PathLike, *, use_ema: bool = True, resolution: int
     return model.eval()
 
 
-__all__ = ["CheckpointError", "detect_format", "taming_config", "clipgen_config", "convert_taming",
+__all__ = ["CheckpointError", "read_checkpoint", "is_project", "strict_load", "LIGHTNING_GLOBALS", "detect_format", "taming_config", "clipgen_config", "convert_taming",
            "convert_clipgen", "load_state", "load_vqgan", "DEFAULT_GRID"]

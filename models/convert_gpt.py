@@ -15,8 +15,8 @@ shapes cannot tell, and the rules used unless given explicitly:
   block_size 256 for a 16x16 grid, its small config 17 for a 4x4 grid).
 
 CLIP-GEN has no null condition for classifier-free guidance: ``null_prefix`` is taken from a freshly
-initialised model (random), so guidance with an imported model mixes in an untrained prefix; sample with
-``cfg_scale=1`` unless the model is fine-tuned with condition dropout.
+initialised model (random), so the config says ``null_cond_trained=False`` (and ``origin="clipgen"``) and
+sampling with ``cfg_scale != 1`` raises GuidanceError until the model is fine-tuned with condition dropout.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from engine import checkpoint as ckpt
 from engine.checkpoint import CheckpointError
+from models.convert import is_project, read_checkpoint, strict_load
 from models.gpt import GPT, GPTConfig
 
 _OWN_PARAMS = ("null_prefix",)  # ours only: filled from the fresh model when a checkpoint lacks them
@@ -40,15 +40,7 @@ _EXPECTED = ("expected a GPT checkpoint: ours (kind 'gpt' with 'config' and 'mod
 def detect_format(obj, path=None) -> str:
     """'project' or 'clipgen'; anything else raises CheckpointError (one line)."""
     where = f"{path}: " if path is not None else ""
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{where}holds a {type(obj).__name__}, not a checkpoint dict; {_EXPECTED}")
-    if "kind" in obj:
-        if obj["kind"] != "gpt":
-            raise CheckpointError(f"{where}is a {obj['kind']!r} checkpoint, not a GPT one; pass the GPT "
-                                  "checkpoint (kind 'gpt', written by train_gpt.py) instead")
-        if not isinstance(obj.get("config"), dict) or not isinstance(obj.get("model"), dict):
-            raise CheckpointError(f"{where}is a GPT checkpoint without 'config' and 'model' entries; it is "
-                                  "incomplete, pass a checkpoint written by train_gpt.py")
+    if is_project(obj, "gpt", where, _EXPECTED):
         return "project"
     model = obj.get("model")
     if isinstance(model, dict) and "blocks.0.encoder.self_attn.in_proj_weight" in model \
@@ -82,7 +74,7 @@ def clipgen_gpt_config(state_dict: dict, n_head: int | None = None, n_tokens: in
     try:
         return GPTConfig(vocab_size=vocab_size, n_tokens=n_tokens, n_layer=n_layer, n_head=n_head,
                          n_embd=n_embd, cond_dim=_shape(sd, "cond_proj.weight")[1], n_prefix=1, dropout=0.0,
-                         block_size=block_size)
+                         block_size=block_size, null_cond_trained=False, origin="clipgen")
     except ValueError as e:
         raise CheckpointError(f"inconsistent CLIP-GEN GPT shapes: {e}") from None
 
@@ -120,31 +112,28 @@ def convert_clipgen_gpt(state_dict: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ loading
 
+def project_config(obj: dict) -> GPTConfig:
+    """The GPTConfig of one of our checkpoints or exported weights files. A config written before
+    ``null_cond_trained`` existed takes it from the run's condition dropout, ``conditioning.cond_drop``
+    (train_gpt.py stores it; export.py carries it into the file's metadata), and is True without one."""
+    d = dict(obj["config"])
+    cond = obj.get("conditioning")
+    drop = cond.get("cond_drop") if isinstance(cond, dict) else None
+    if "null_cond_trained" not in d and isinstance(drop, (int, float)):
+        d["null_cond_trained"] = drop > 0
+    try:
+        return GPTConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"bad 'config' entry ({e})") from None
+
+
 def load_state(model: GPT, state_dict: dict, *, assign: bool = False) -> GPT:
     """Strict load; only our own parameters (the null prefix) may be missing, taken from `model`."""
-    sd = dict(state_dict)
-    own = dict(model.named_parameters())
-    for k in _OWN_PARAMS:
-        sd.setdefault(k, own[k].detach())
-    try:
-        model.load_state_dict(sd, strict=True, assign=assign)
-    except RuntimeError as e:  # missing/unexpected keys or shape mismatches: one line, not the full list
-        msg = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"weights do not fit the model built from its config: {msg}") from None
-    return model
+    return strict_load(model, state_dict, _OWN_PARAMS, assign=assign)
 
 
 def _read(path: Path, map_location) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"GPT checkpoint not found: {path}; pass the path of a gpt .pt or .safetensors file")
-    if path.suffix == ".safetensors":
-        return ckpt.read_weights(path, map_location)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, foreign or not a checkpoint at all: say which file, not a traceback
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {first[:200]}); check that it is a "
-                              "complete, uncorrupted GPT checkpoint") from None
+    return read_checkpoint(path, map_location, what="GPT")  # the one reader: weights_only or safetensors
 
 
 def load_gpt(path: str | os.PathLike, map_location="cpu", use_ema: bool = True, n_head: int | None = None,
@@ -156,10 +145,7 @@ def load_gpt(path: str | os.PathLike, map_location="cpu", use_ema: bool = True, 
     fmt = detect_format(obj, path)
     try:
         if fmt == "project":
-            try:
-                cfg = GPTConfig.from_dict(obj["config"])
-            except (TypeError, ValueError) as e:
-                raise CheckpointError(f"bad 'config' entry ({e})") from None
+            cfg = project_config(obj)
             sd = obj["ema"] if use_ema and isinstance(obj.get("ema"), dict) else obj["model"]
         else:
             cfg = clipgen_gpt_config(obj["model"], n_head=n_head, n_tokens=n_tokens)
@@ -173,4 +159,4 @@ def load_gpt(path: str | os.PathLike, map_location="cpu", use_ema: bool = True, 
 
 
 __all__ = ["CheckpointError", "detect_format", "default_n_head", "clipgen_gpt_config", "convert_clipgen_gpt",
-           "load_state", "load_gpt"]
+           "load_state", "project_config", "load_gpt"]

@@ -1,6 +1,9 @@
 """VQGAN importers (models/convert.py): CLIP-GEN and taming-transformers checkpoints reproduce the outputs
 their own code computed; configs inferred from shapes match the real ones; our own checkpoints round-trip."""
 import json
+import os
+import sys
+import types
 from dataclasses import replace
 
 import pytest
@@ -8,12 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from models.convert import (CheckpointError, clipgen_config, convert_clipgen, convert_taming, detect_format,
-                            load_state, load_vqgan, taming_config)
+                            load_state, load_vqgan, read_checkpoint, taming_config)
 from models.vqgan import VQGAN, VQGANConfig
 from tests.conftest import COMPAT_DIR
 
 FIX = COMPAT_DIR
-needs_fixtures = pytest.mark.skipif(FIX is None, reason="compat fixtures not found (set COMPAT_FIXTURES)")
 
 SMALL = {"clipgen": "clipgen_vqgan_small.pt", "taming": "taming_vqgan_small.ckpt"}
 MANIFESTS = {"clipgen": "clipgen_vqgan_coco", "taming": "taming_vqgan_imagenet_f16_16384"}
@@ -59,7 +61,6 @@ def _rel(a, b):
 
 # --------------------------------------------------------------------------------------- small fixtures
 
-@needs_fixtures
 @pytest.mark.parametrize("fmt", ["clipgen", "taming"])
 def test_small_fixture_reproduces_reference_outputs(fmt):
     exp = _expected(fmt)
@@ -75,7 +76,6 @@ def test_small_fixture_reproduces_reference_outputs(fmt):
     assert _rel(from_indices, exp["x_recon"]) < 1e-5
 
 
-@needs_fixtures
 @pytest.mark.parametrize("fmt", ["clipgen", "taming"])
 def test_detect_format_and_inferred_config(fmt):
     obj = _load(SMALL[fmt])
@@ -89,7 +89,6 @@ def test_detect_format_and_inferred_config(fmt):
         _infer(fmt, sd, resolution=33)
 
 
-@needs_fixtures
 def test_clipgen_attention_unpacking():
     sd = _load(SMALL["clipgen"])["model"]
     out = convert_clipgen(sd)
@@ -103,9 +102,86 @@ def test_clipgen_attention_unpacking():
         convert_clipgen({**sd, "encoder.extra.weight": torch.zeros(1)})
 
 
+# ------------------------------------------------------------------- Lightning files (taming's releases)
+
+MODEL_CHECKPOINT = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
+
+
+def test_lightning_checkpoint_loads_without_lightning_and_reproduces_taming():
+    """taming's released last.ckpt keys `callbacks` by Lightning's ModelCheckpoint class itself."""
+    before = set(torch.serialization.get_safe_globals())
+    exp = _load("taming_vqgan_small.expected.pt")
+    with pytest.raises(Exception, match="ModelCheckpoint"):  # what a plain weights_only load says
+        torch.load(FIX / "taming_vqgan_lightning.ckpt", weights_only=True)
+    model = load_vqgan(FIX / "taming_vqgan_lightning.ckpt")
+    _assert_config("taming", model.cfg, exp["config"])
+    with torch.no_grad():
+        quant, indices, _, _ = model.encode(exp["x"])
+        recon = model.decode(quant)
+    assert torch.equal(indices, exp["indices"])
+    assert _rel(recon, exp["x_recon"]) < 1e-5
+    obj = read_checkpoint(FIX / "taming_vqgan_lightning.ckpt")
+    assert list(obj["callbacks"]) == [MODEL_CHECKPOINT]  # the stand-in class does not leak out
+    assert obj["pytorch-lightning_version"] == "1.0.8"
+    assert "pytorch_lightning" not in sys.modules
+    assert set(torch.serialization.get_safe_globals()) == before  # allowed for the load only, not process-wide
+
+
+class _Shell:
+    """Pickles as a call of os.system: what a hostile checkpoint would carry."""
+
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return os.system, (self.cmd,)
+
+
+def _fake_lightning(monkeypatch):
+    """Importable pytorch_lightning.callbacks.{model_checkpoint,early_stopping} so that torch.save writes
+    the GLOBALs Lightning 1.0.x writes (pytorch_lightning itself is not installed)."""
+    classes = {}
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint",
+                 "pytorch_lightning.callbacks.early_stopping"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    for mod, cls in (("model_checkpoint", "ModelCheckpoint"), ("early_stopping", "EarlyStopping")):
+        module = sys.modules[f"pytorch_lightning.callbacks.{mod}"]
+        classes[cls] = type(cls, (), {"__module__": module.__name__})
+        setattr(module, cls, classes[cls])
+    return classes
+
+
+def _lightning_file(path, callbacks, **extra):
+    sd = _load("taming_vqgan_small.ckpt")["state_dict"]
+    torch.save({"epoch": 3, "global_step": 1200, "pytorch-lightning_version": "1.0.8", "callbacks": callbacks,
+                "optimizer_states": [], "lr_schedulers": [], "state_dict": sd, **extra}, path)
+    return path
+
+
+@pytest.mark.parametrize("foreign", ["os.system", "another Lightning class"])
+def test_lightning_file_with_any_other_global_is_refused_and_runs_nothing(tmp_path, monkeypatch, foreign):
+    classes = _fake_lightning(monkeypatch)
+    ok = {classes["ModelCheckpoint"]: {"monitor": "val/rec_loss", "best_model_score": torch.tensor(0.5)}}
+    assert load_vqgan(_lightning_file(tmp_path / "ok.ckpt", ok)).cfg.n_codes == 64  # the allowed layout
+    marker = tmp_path / "pwned"
+    if foreign == "os.system":
+        path = _lightning_file(tmp_path / "bad.ckpt", ok, hyper_parameters=_Shell(f"touch {marker}"))
+        named = f"{os.system.__module__}.system"  # posix.system on Linux
+    else:
+        path = _lightning_file(tmp_path / "bad.ckpt", {**ok, classes["EarlyStopping"]: {"wait_count": 0}})
+        named = "pytorch_lightning.callbacks.early_stopping.EarlyStopping"
+    monkeypatch.delitem(sys.modules, "pytorch_lightning")  # loading must not rely on (or import) it
+    before = set(torch.serialization.get_safe_globals())
+    with pytest.raises(CheckpointError) as e:
+        load_vqgan(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and f"global {named!r}" in msg and "refused" in msg
+    assert not marker.exists()
+    assert set(torch.serialization.get_safe_globals()) == before
+
+
 # ------------------------------------------------------------------------------ full-size key manifests
 
-@needs_fixtures
 @pytest.mark.parametrize("fmt", ["clipgen", "taming"])
 def test_full_size_manifest_converts_and_loads_strictly(fmt):
     manifest = json.loads((FIX / "full_size_key_manifests.json").read_text())[MANIFESTS[fmt]]
@@ -202,7 +278,6 @@ def test_errors_are_one_line_and_name_the_file(tmp_path):
     assert "do not fit" in _one_line_error(wrong)
 
 
-@needs_fixtures
 def test_clipgen_gpt_checkpoint_is_refused():
     msg = _one_line_error(FIX / "clipgen_gpt_small.pt")
     assert "expected a VQGAN checkpoint" in msg
