@@ -14,7 +14,8 @@ trains on caption embeddings instead: the supervised upper bound, for comparison
 from __future__ import annotations
 
 import argparse
-import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,19 +24,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.utils import make_grid, save_image
 
 import datasets
-from datasets.encoded import EncodedShards
+from datasets.encoded import EncodedShards, check_models
 from engine import checkpoint as ckpt
-from engine import data
 from engine import distributed as D
 from engine import fsdp as FS
-from engine.cli import UsageError, run
-from engine.ema import EMA
-from engine.logs import Logger
+from engine.cli import UsageError, add_run_args, run
 from engine.schedule import lr_at, set_lr
-from engine.signals import StopRequest
+from engine.trainer import NonFiniteGuard, Run
 from models.clip import load_clip
 from models.convert import load_vqgan
-from models.gpt import GPT, PRESETS, GPTConfig, build_gpt
+from models.convert_gpt import load_gpt, project_config
+from models.gpt import GPT, PRESETS, build_gpt
 
 DEFAULT_PROMPTS = ["a red circle in the top left", "a blue square at the bottom", "a large green triangle",
                    "a small yellow diamond on the right"]
@@ -66,26 +65,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--strategy", choices=FS.STRATEGIES, default="ddp",
                    help="with several processes: ddp (a full copy per rank) or fsdp (parameters, gradients and "
                         "optimizer state sharded over the ranks; checkpoints are the same full state dicts)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (one-off compile time; measured no faster on a CPU, "
-                        "see README Performance)")
     g.add_argument("--ema-decay", type=float, default=0.999, help="0 = no EMA")
-    g.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
-    g = p.add_argument_group("run")
-    g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for OUT_DIR/latest.pt")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    g.add_argument("--num-workers", type=int, default=1)
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--val-every", type=int, default=500)
-    g.add_argument("--val-batches", type=int, default=0, help="limit validation batches (0 = all)")
+    g.add_argument("--max-nonfinite", type=int, default=10,
+                   help="stop after this many non-finite losses in a row (their updates are skipped); under "
+                        "--precision fp16, steps whose gradients overflow are the loss scaler's to skip and do "
+                        "not count")
+    g = add_run_args(p, val_every=500, save_every=500,
+                     init_from="a train_gpt.py checkpoint, an exported .safetensors or a CLIP-GEN gpt_*.pt, whose "
+                               "codes, token count and condition width match --vqgan and --clip (--preset and "
+                               "--n-prefix do not apply; --dropout does; --cond-drop > 0 trains its null condition)",
+                     compiles="the training forward", val_batches=True)
     g.add_argument("--sample-every", type=int, default=1000, help="sample grid cadence (0 = only at the end)")
     g.add_argument("--prompts", nargs="*", default=DEFAULT_PROMPTS, help="text prompts for sample grids")
     g.add_argument("--sample-cfg", type=float, default=1.0, help="guidance scale for sample grids")
-    g.add_argument("--save-every", type=int, default=500)
-    g.add_argument("--keep-every", type=int, default=10_000)
-    g.add_argument("--no-tensorboard", action="store_true")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or f"runs/gpt-{args.preset}"
     if args.cond == "text" and args.dataset == "shapes":
@@ -98,6 +90,17 @@ def noisy(cond: torch.Tensor, std: float) -> torch.Tensor:
     if std <= 0:
         return cond
     return F.normalize(cond + std * torch.randn_like(cond), dim=-1)
+
+
+def null_rows(p: float, seed: int, step: int, env, rows: int) -> torch.Tensor:
+    """Which of this rank's `rows` take the null condition (B,) bool: drawn for the whole global batch from
+    (seed, step) alone, then this rank's contiguous slice (the slice the batch sampler gives it), so N
+    processes drop exactly the samples one process would and a resumed run draws what it would have."""
+    if p <= 0:
+        return torch.zeros(rows, dtype=torch.bool, device=env.device)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    mask = torch.rand(rows * env.world_size, generator=g) < p
+    return mask[env.rank * rows:(env.rank + 1) * rows].to(env.device)
 
 
 class Conditioner:
@@ -134,6 +137,7 @@ def build_data(args, env, vqgan, clip):
         if meta["embed_dim"] != clip.embed_dim:
             raise UsageError(f"{args.shards} holds {meta['embed_dim']}-d CLIP embeddings; --clip gives "
                              f"{clip.embed_dim}-d: re-run preencode.py with this CLIP")
+        check_models(vqgan, clip, train_ds, val_ds)  # refuse shards another VQGAN or CLIP made
         if args.cond == "text" and not train_ds.has_text:
             raise UsageError(f"--cond text needs caption embeddings; {args.shards} has none (encode a "
                              "captioned dataset, e.g. --shapes-split captioned)")
@@ -187,172 +191,129 @@ def sample_grid(model: GPT, vqgan, clip, val_ds, conditioner, prompts, cfg_scale
     return make_grid(images, nrow=n, padding=2, pad_value=1.0)
 
 
-def main(args) -> None:
-    env = D.setup(args.device)
-    D.seed_everything(args.seed, env.rank)
-    out = Path(args.out_dir)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    manager = ckpt.CheckpointManager(out)
-    state = manager.load_resume(args.resume, "gpt")
-    if args.batch_size % env.world_size:
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by {env.world_size} processes")
-
-    vqgan = load_vqgan(args.vqgan).to(env.device).eval().requires_grad_(False).channels_last()
-    clip = load_clip(args.clip, device=env.device)
-    amp = D.autocast_dtype(args.precision, env.device)
-    autocast = torch.autocast(env.device.type, dtype=amp or torch.float32, enabled=amp is not None)
-    conditioner = Conditioner(vqgan, clip, args.cond, env.device, autocast)
-    train_ds, val_ds = build_data(args, env, vqgan, clip)
-
-    if state:
-        cfg = GPTConfig.from_dict(state["config"])
+def build_model(args, run, vqgan, clip) -> GPT:
+    """The GPT to train: a resumed run's config (its weights follow), the --init-from file's model (weights
+    and config; --dropout may change), or a fresh one of --preset. Its tokens and condition must be what
+    --vqgan and --clip give."""
+    init = load_gpt(run.init_from) if run.init_from else None  # CLIP-GEN files: n_tokens from block_size
+    if run.state:
+        cfg = project_config(run.state)
+    elif init is not None:
+        cfg = replace(init.cfg, **({"dropout": args.dropout} if args.dropout is not None else {}))
     else:
         over = {"n_prefix": args.n_prefix, **({"dropout": args.dropout} if args.dropout is not None else {})}
         cfg = build_gpt(args.preset, vocab_size=vqgan.cfg.n_codes, n_tokens=vqgan.cfg.grid_size ** 2,
-                        cond_dim=clip.embed_dim, **over).cfg
-    if cfg.vocab_size != vqgan.cfg.n_codes or cfg.n_tokens != vqgan.cfg.grid_size ** 2:
-        raise UsageError(f"the GPT writes {cfg.n_tokens} tokens of {cfg.vocab_size} codes; the VQGAN has "
-                         f"{vqgan.cfg.grid_size ** 2} tokens of {vqgan.cfg.n_codes} codes")
-    fsdp = args.strategy == "fsdp" and env.distributed  # one process: nothing to shard
-    raw = GPT(cfg).to(env.device)
-    ema = EMA(raw, args.ema_decay) if args.ema_decay > 0 else None
-    step, best, nonfinite_total = 0, float("inf"), 0
-    if state:  # full state dicts, loaded before any sharding: the same under either strategy
-        raw.load_state_dict(state["model"])
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"], state.get("ema_updates", state["step"]))
-        step, best, nonfinite_total = state["step"], state["best_val_loss"], state["nonfinite_steps"]
-        rngs = state["rng"]
-        ckpt.set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
+                        cond_dim=clip.embed_dim, null_cond_trained=args.cond_drop > 0, **over).cfg
+    want = (vqgan.cfg.n_codes, vqgan.cfg.grid_size ** 2, clip.embed_dim)
+    if (cfg.vocab_size, cfg.n_tokens, cfg.cond_dim) != want:
+        source = f"--init-from {run.init_from}" if init is not None else "the resumed checkpoint"
+        raise UsageError(f"{source}: the GPT writes {cfg.n_tokens} tokens of {cfg.vocab_size} codes from "
+                         f"{cfg.cond_dim}-d embeddings; --vqgan has {want[1]} tokens of {want[0]} codes and "
+                         f"--clip gives {want[2]}-d embeddings")
+    # Condition dropout trains the null condition, whoever trained the rest (a CLIP-GEN GPT never did).
+    model = GPT(replace(cfg, null_cond_trained=cfg.null_cond_trained or args.cond_drop > 0))
+    model.cfg.check_guidance(args.sample_cfg)  # now, not at the first sample grid
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    return model
+
+
+def checkpoint_entries(args, raw: GPT, opt, ema, guard: NonFiniteGuard, fsdp: bool) -> dict:
+    """The GPT's own checkpoint entries; under FSDP full state dicts gathered on rank 0 (a collective)."""
+    if fsdp:
+        entries = {"model": FS.full_model_state(raw), "optimizer": FS.full_optimizer_state(raw, opt)}
+        if ema is not None:
+            entries["ema"] = FS.full_model_state(ema.model)
+    else:
+        entries = {"model": raw.state_dict(), "optimizer": opt.state_dict()}
+    return {"config": raw.cfg.to_dict(), **entries, "nonfinite_steps": guard.total,
+            "conditioning": {"cond": args.cond, "embed_noise": args.embed_noise, "cond_drop": args.cond_drop,
+                             "clip": str(args.clip), "vqgan": str(args.vqgan)}}
+
+
+def save_samples(run, model: GPT, vqgan, clip, val_ds, conditioner, fsdp: bool) -> None:
+    """samples.png and its TensorBoard image, on rank 0. Sampling calls the model's parts one by one (KV
+    cache), which FSDP's sharded root does not gather for: it samples a gathered, ordinary copy instead."""
+    if fsdp:
+        full = FS.full_model_state(model)  # a collective: every rank
+        model = GPT(model.cfg).to(run.env.device).eval() if run.env.is_main else None
+        if run.env.is_main:
+            model.load_state_dict(full)
+    if run.env.is_main:
+        a = run.args
+        grid = sample_grid(model, vqgan, clip, val_ds, conditioner, a.prompts, a.sample_cfg, a.seed)
+        save_image(grid, run.out / "samples.png")
+        run.log.image("samples (rows: real, from image embedding, from each prompt)", grid, run.step)
+
+
+def main(args) -> None:
+    run = Run(args, "gpt", best_key="best_val_loss", higher_is_better=False)
+    env, precision = run.env, run.precision
+    vqgan = load_vqgan(args.vqgan).to(env.device).eval().requires_grad_(False).channels_last()
+    clip = load_clip(args.clip, device=env.device)
+    conditioner = Conditioner(vqgan, clip, args.cond, env.device, precision.autocast)
+    train_ds, val_ds = build_data(args, env, vqgan, clip)
+
+    raw = build_model(args, run, vqgan, clip).to(env.device)
+    cfg, fsdp = raw.cfg, args.strategy == "fsdp" and env.distributed  # one process: nothing to shard
+    ema = run.restore_weights({"model": raw}, args.ema_decay)  # full state dicts: before any sharding
     if fsdp:  # the EMA is sharded the same way, so its update stays a local op on each rank's shard
         FS.shard(raw, env.device)
         if ema is not None:
             FS.shard(ema.model, env.device)
-    opt = torch.optim.AdamW(raw.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
-                            fused=D.fused_optimizer(env.device))
-    if state:
-        if fsdp:
-            FS.load_optimizer_state(raw, opt, state["optimizer"])
-        else:
-            ckpt.load_optimizer_state(opt, state["optimizer"])
+    # Fused AdamW on FSDP's sharded parameters cannot take the fp16 scaler's overflow flag (a (1,) tensor
+    # against 0-d DTensor step counts, PyTorch 2.14): the foreach path then.
+    fused = D.fused_optimizer(env.device) and not (fsdp and precision.scaler.is_enabled())
+    opt = torch.optim.AdamW(raw.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=fused)
+    run.restore_training({"optimizer": opt}, partial(FS.load_optimizer_state, raw) if fsdp else ckpt.load_optimizer_state)
+    guard = NonFiniteGuard(args.max_nonfinite, run.resumed("nonfinite_steps", 0))
     model = DDP(raw) if env.distributed and not fsdp else raw
     if args.compile:  # training forward only: validation, EMA, sampling and checkpoints use the plain modules
         model = torch.compile(model)
-    if isinstance(train_ds, torch.utils.data.IterableDataset):  # --stream
-        train_loader, sampler = data.stream_loader(train_ds, args.batch_size, env, step, args.num_workers)
-    else:
-        train_loader, sampler = data.train_loader(train_ds, args.batch_size, env, args.seed, step, args.num_workers)
-    val_loader = data.val_loader(val_ds, args.batch_size, env, args.num_workers)
+    train_loader, val_loader = run.train_loader(train_ds), run.val_loader(val_ds)
 
-    log = Logger(out, env.is_main, args.max_steps, step, tensorboard=not args.no_tensorboard)
-    log.print(f"gpt {args.preset}: {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M params, "
-              f"{cfg.n_tokens} tokens of {cfg.vocab_size} codes, cond {args.cond} ({cfg.cond_dim}-d, noise "
-              f"{args.embed_noise}, drop {args.cond_drop}) | {'shards ' + args.shards if args.shards else 'on the fly'}"
-              f" | {env.world_size} process(es){' (fsdp)' if fsdp else ''} on {env.device}{' in bf16' if amp else ''} | "
-              f"{'resuming at step ' + str(step) if step else 'from scratch'} | out {out}")
-    stop = StopRequest()
-    t_start, t_log, tokens_since = time.time(), time.time(), 0
+    run.start(f"gpt {args.preset}: {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M params, {cfg.n_tokens} "
+              f"tokens of {cfg.vocab_size} codes, cond {args.cond} ({cfg.cond_dim}-d, noise {args.embed_noise}, "
+              f"drop {args.cond_drop}) | {'shards ' + args.shards if args.shards else 'on the fly'}",
+              note=" (fsdp)" if fsdp else "")
     metrics: dict = {}
-    nonfinite_run = 0
-    data_iter = iter(train_loader)
     raw.train()
-    while step < args.max_steps:
-        tokens, cond = conditioner(next(data_iter))
+    for batch in run.batches(train_loader):
+        tokens, cond = conditioner(batch)
         cond = noisy(cond, args.embed_noise)
-        drop = torch.rand(cond.shape[0], device=env.device) < args.cond_drop
-        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, "cosine")
+        drop = null_rows(args.cond_drop, args.seed, run.step, env, cond.shape[0])
+        lr = lr_at(run.step, args.lr, args.warmup_steps, args.max_steps, "cosine")
         set_lr([opt], lr)
-        with autocast:
+        with precision.autocast:
             logits = model(tokens, cond, drop)
         loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
-        opt.zero_grad(set_to_none=True)
         grad_norm = torch.tensor(0.0)
-        if D.any_rank(not torch.isfinite(loss).item(), env.device):
-            # Skip this update on every rank (ranks must agree) but keep the step, so the data position
-            # stays the step count; stop if it keeps happening.
-            nonfinite_run += 1
-            nonfinite_total += 1
-            log.print(f"step {step}: non-finite loss, update skipped ({nonfinite_run} in a row)")
-            if nonfinite_run >= args.max_nonfinite:
-                raise UsageError(f"{nonfinite_run} non-finite losses in a row at step {step}: lower --lr "
-                                 f"or use --precision fp32; last good checkpoint: {manager.latest}")
-        else:
-            nonfinite_run = 0
-            loss.backward()
-            if args.grad_clip > 0:
-                grad_norm = FS.full_value(torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip))
-            opt.step()
+        if not guard.skip(loss, run):
+            norm = precision.step(loss, opt, raw.parameters(), args.grad_clip if args.grad_clip > 0 else None)
+            grad_norm = grad_norm if norm is None else FS.full_value(norm)
+            precision.update()
             if ema is not None:
                 ema.update(raw)
-        step += 1
-        tokens_since += tokens.numel() * env.world_size
-        log.advance(1, {"loss": loss.detach()})
+        run.advance(tokens.numel(), {"loss": loss.detach()})
 
-        if step % args.log_every == 0 or step == args.max_steps:
-            dt = max(time.time() - t_log, 1e-9)
-            log.scalars({"loss/train": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                         "perf/tokens_per_s": tokens_since / dt, "nonfinite_steps": nonfinite_total}, step)
-            log.print(f"step {step}/{args.max_steps} loss {loss.item():.4f} {tokens_since / dt:.0f} tok/s")
-            t_log, tokens_since = time.time(), 0
-
+        if run.due(args.log_every):
+            rate = run.throughput()
+            run.log.scalars({"loss/train": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                             "perf/tokens_per_s": rate, "nonfinite_steps": guard.total, **precision.scalars()}, run.step)
+            run.log.print(f"step {run.step}/{args.max_steps} loss {loss.item():.4f} {rate:.0f} tok/s")
         eval_model = ema.model if ema is not None else raw
         is_best = False
-        if step % args.val_every == 0 or step == args.max_steps:
+        if run.due(args.val_every):
             metrics = validate(eval_model, val_loader, conditioner, args.val_batches)
-            log.scalars(metrics, step)
-            log.print(f"val loss {metrics['val/loss']:.4f} token accuracy {metrics['val/token_accuracy']:.3f}")
-            is_best = metrics["val/loss"] < best
-            best = min(best, metrics["val/loss"])
-        if (args.sample_every and step % args.sample_every == 0) or step == args.max_steps:
-            # Sampling calls the model's parts one by one (KV cache), which FSDP's sharded root does not
-            # gather for: sample from a gathered, ordinary copy on rank 0 instead.
-            sampler_model = eval_model
-            if fsdp:
-                full = FS.full_model_state(eval_model)
-                sampler_model = GPT(cfg).to(env.device).eval() if env.is_main else None
-                if env.is_main:
-                    sampler_model.load_state_dict(full)
-        if env.is_main and ((args.sample_every and step % args.sample_every == 0) or step == args.max_steps):
-            grid = sample_grid(sampler_model, vqgan, clip, val_ds, conditioner, args.prompts, args.sample_cfg,
-                               args.seed)
-            save_image(grid, out / "samples.png")
-            log.image("samples (rows: real, from image embedding, from each prompt)", grid, step)
+            run.log.scalars(metrics, run.step)
+            run.log.print(f"val loss {metrics['val/loss']:.4f} token accuracy {metrics['val/token_accuracy']:.3f}")
+            is_best = run.improved(metrics["val/loss"])
+        if run.due(args.sample_every):
+            save_samples(run, eval_model, vqgan, clip, val_ds, conditioner, fsdp)
+        run.checkpoint(is_best, lambda: checkpoint_entries(args, raw, opt, ema, guard, fsdp))
 
-        stopping = D.any_rank(stop.requested, env.device)
-        if stopping or is_best or step % args.save_every == 0 or step == args.max_steps:
-            rngs = ckpt.gather_rng_states()
-            if fsdp:  # collectives: every rank takes part, rank 0 receives the full tensors
-                model_sd, opt_sd = FS.full_model_state(raw), FS.full_optimizer_state(raw, opt)
-                ema_sd = FS.full_model_state(ema.model) if ema is not None else None
-            elif env.is_main:
-                model_sd, opt_sd = raw.state_dict(), opt.state_dict()
-                ema_sd = ema.state_dict() if ema is not None else None
-            if env.is_main:
-                state = {"kind": "gpt", "config": cfg.to_dict(), "model": model_sd,
-                         "optimizer": opt_sd, "step": step, "epoch": sampler.epoch_of(step),
-                         "best_val_loss": best, "nonfinite_steps": nonfinite_total, "rng": rngs,
-                         "conditioning": {"cond": args.cond, "embed_noise": args.embed_noise,
-                                          "cond_drop": args.cond_drop, "clip": str(args.clip),
-                                          "vqgan": str(args.vqgan)},
-                         "train_args": vars(args)}
-                if ema is not None:
-                    state["ema"], state["ema_updates"] = ema_sd, ema.updates
-                manager.save(state, step, periodic=args.keep_every > 0 and step % args.keep_every == 0,
-                             best=is_best)
-            D.barrier()
-        if stopping:
-            log.print(f"received {stop.name or 'a stop signal'}: saved {manager.latest} at step {step}; "
-                      "continue with --resume auto")
-            break
-
-    if metrics and env.is_main:
-        log.print(f"done: step {step}, {(time.time() - t_start) / 60:.1f} min, val loss {metrics['val/loss']:.4f}, "
-                  f"token accuracy {metrics['val/token_accuracy']:.3f}, non-finite steps {nonfinite_total}, "
-                  f"checkpoints in {out}")
-    log.close()
-    stop.restore()
-    D.cleanup()
+    run.finish(metrics and f"val loss {metrics['val/loss']:.4f}, token accuracy {metrics['val/token_accuracy']:.3f}, "
+                           f"non-finite steps {guard.total}")
 
 
 if __name__ == "__main__":

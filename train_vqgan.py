@@ -10,7 +10,6 @@ learns to write these token grids.
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,14 +18,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.utils import make_grid, save_image
 
 import datasets
-from engine import checkpoint as ckpt
-from engine import data
 from engine import distributed as D
-from engine.cli import UsageError, run
-from engine.ema import EMA
-from engine.logs import Logger
+from engine.cli import UsageError, add_run_args, apply_defaults, run
 from engine.schedule import lr_at, set_lr
-from engine.signals import StopRequest
+from engine.trainer import RankCount, Run
+from models.convert import load_vqgan
 from models.discriminator import PatchDiscriminator
 from models.losses import VQLoss, build_lpips, lpips_available
 from models.quantizer import CodeUsage
@@ -67,30 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--codebook-weight", type=float, default=1.0)
     g.add_argument("--disc-weight", type=float, help="GAN weight, 0 = no discriminator")
     g.add_argument("--disc-start", type=int, help="step at which the discriminator switches on")
-    g = p.add_argument_group("run")
-    g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for OUT_DIR/latest.pt")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu (default: best available)")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="autocast precision; auto = bf16 on CUDA and on CPUs with native bf16 "
-                        "(AMX/AVX512-BF16), fp32 elsewhere")
+    g = add_run_args(p, val_every=500, save_every=500,
+                     init_from="a train_vqgan.py checkpoint, an exported .safetensors, a CLIP-GEN vqgan_*.pt or a "
+                               "taming-transformers .ckpt (--n-codes, --embed-dim, --l2-codes cannot change it; "
+                               "--restart-threshold can; the discriminator starts afresh)",
+                     compiles="the VQGAN's training forward", val_batches=True)
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC convolution weights and inputs for the VQGAN and discriminator (default on: "
                         "1.26-1.5x faster f16-16384 GAN steps on a CPU, see VQGAN.channels_last)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the VQGAN's training forward (one-off compile time; measured no faster "
-                        "on a CPU, see README Performance)")
-    g.add_argument("--num-workers", type=int, default=1)
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--val-every", type=int, default=500)
-    g.add_argument("--save-every", type=int, default=500)
-    g.add_argument("--keep-every", type=int, default=10_000, help="also keep step_N.pt every N steps (0 = off)")
-    g.add_argument("--val-batches", type=int, default=0, help="limit validation batches (0 = all)")
-    g.add_argument("--no-tensorboard", action="store_true")
     args = p.parse_args(argv)
-    for k, v in TRAIN_DEFAULTS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    apply_defaults(args, TRAIN_DEFAULTS[args.preset])
     args.out_dir = args.out_dir or f"runs/vqgan-{args.preset}"
     return args
 
@@ -159,159 +141,107 @@ def save_grid(first, path: Path) -> torch.Tensor:
     return grid
 
 
-def build_loaders(args, env, cfg, start_step):
-    train_ds, val_ds = datasets.build_datasets(args, cfg.resolution, streaming=True)
-    if isinstance(train_ds, torch.utils.data.IterableDataset):  # --stream
-        train, sampler = data.stream_loader(train_ds, args.batch_size, env, start_step, args.num_workers)
-    else:
-        train, sampler = data.train_loader(train_ds, args.batch_size, env, args.seed, start_step, args.num_workers)
-    return train, data.val_loader(val_ds, args.batch_size, env, args.num_workers), sampler
-
-
-def checkpoint_state(raw, disc, ema, opt_g, opt_d, scaler, step, epoch, args, best, skipped, rngs):
-    state = {"kind": "vqgan", "config": raw.cfg.to_dict(), "model": raw.state_dict(),
-             "discriminator": disc.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-             "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "best_psnr": best,
-             "skipped_images": skipped, "rng": rngs, "train_args": vars(args)}
-    if ema is not None:
-        state["ema"], state["ema_updates"] = ema.state_dict(), ema.updates
-    return state
+def build_model(args, run) -> VQGAN:
+    """The VQGAN to train: a resumed run's config (its weights follow), the --init-from file's model (weights
+    and config), or a fresh one from the preset and the flags."""
+    if run.state:
+        return VQGAN(VQGANConfig.from_dict(run.state["config"]))
+    if not run.init_from:
+        return VQGAN(model_config(args))
+    fixed = [f for f in ("n_codes", "embed_dim", "l2_codes") if getattr(args, f) is not None]
+    if fixed:
+        raise UsageError(f"--init-from {run.init_from} fixes the model config; drop --{fixed[0].replace('_', '-')}")
+    model = load_vqgan(run.init_from)
+    if args.restart_threshold is not None and args.restart_threshold != model.cfg.restart_threshold:
+        tuned = VQGAN(replace(model.cfg, restart_threshold=args.restart_threshold))  # the quantizer reads it once
+        tuned.load_state_dict(model.state_dict())
+        model = tuned
+    return model
 
 
 def main(args) -> None:
-    env = D.setup(args.device)
-    D.seed_everything(args.seed, env.rank)
-    out = Path(args.out_dir)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    manager = ckpt.CheckpointManager(out)
-    state = manager.load_resume(args.resume, "vqgan")
-    cfg = VQGANConfig.from_dict(state["config"]) if state else model_config(args)
-
+    run = Run(args, "vqgan", best_key="best_psnr")
+    env = run.env
     loss_fn = VQLoss(args.pixel_loss, args.perceptual_weight, args.disc_weight, args.disc_start,
                      args.codebook_weight, args.lpips_vgg).to(env.device)
-    raw = VQGAN(cfg).to(env.device).channels_last(args.channels_last)
-    nhwc = raw.memory_format  # the discriminator and the batches follow the VQGAN's layout
+    raw = build_model(args, run).to(env.device).channels_last(args.channels_last)
+    cfg, nhwc = raw.cfg, raw.memory_format  # the discriminator and the batches follow the VQGAN's layout
     disc_raw = PatchDiscriminator().to(env.device, memory_format=nhwc)
-    ema = EMA(raw, args.ema_decay) if args.ema_decay > 0 else None
+    ema = run.restore_weights({"model": raw, "discriminator": disc_raw}, args.ema_decay)
     fused = D.fused_optimizer(env.device)
     opt_g = torch.optim.Adam(raw.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
     opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=fused)
-    amp_dtype = D.autocast_dtype(args.precision, env.device)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=False)  # bf16 needs no loss scaling
-    step, best, skipped = 0, -float("inf"), 0
-    if state:
-        raw.load_state_dict(state["model"])
-        disc_raw.load_state_dict(state["discriminator"])
-        ckpt.load_optimizer_state(opt_g, state["opt_g"])
-        ckpt.load_optimizer_state(opt_d, state["opt_d"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"], state.get("ema_updates", state["step"]))
-        step, best, skipped = state["step"], state["best_psnr"], state["skipped_images"]
-        rngs = state["rng"]
-        ckpt.set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
+    run.restore_training({"opt_g": opt_g, "opt_d": opt_d})
+    skipped = RankCount(run.resumed("skipped_images", 0))  # corrupt images each rank skipped, summed over ranks
 
-    if args.batch_size % env.world_size:
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by {env.world_size} processes")
     model = DDP(raw, broadcast_buffers=False) if env.distributed else raw
     disc = DDP(disc_raw, broadcast_buffers=False) if env.distributed else disc_raw
     if args.compile:  # training forward only: validation, EMA and checkpoints use the plain modules
         model = compile_for_training(model)
-    train_loader, val_loader, sampler = build_loaders(args, env, cfg, step)
+    train_ds, val_ds = datasets.build_datasets(args, cfg.resolution, streaming=True)
+    train_loader, val_loader = run.train_loader(train_ds), run.val_loader(val_ds)
     lpips_val = loss_fn.perceptual
     if lpips_val is None and lpips_available(args.lpips_vgg):
         lpips_val = build_lpips(args.lpips_vgg).to(env.device)
-    autocast = torch.autocast(env.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    autocast, precision = run.precision.autocast, run.precision
 
-    log = Logger(out, env.is_main, args.max_steps, step, tensorboard=not args.no_tensorboard)
-    n_params = sum(p.numel() for p in raw.parameters())
-    log.print(f"vqgan {args.preset}: {n_params / 1e6:.1f}M params, {cfg.grid_size}x{cfg.grid_size} tokens, "
-              f"{cfg.n_codes} codes | {env.world_size} process(es) on {env.device}"
-              f"{' in bf16' if amp_dtype else ''} | "
-              f"{'resuming at step ' + str(step) if step else 'from scratch'} | out {out}")
-    stop = StopRequest()
-    t_start, t_log, imgs_since_log = time.time(), time.time(), 0
+    run.start(f"vqgan {args.preset}: {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M params, "
+              f"{cfg.grid_size}x{cfg.grid_size} tokens, {cfg.n_codes} codes")
     metrics: dict = {}
-    data_iter = iter(train_loader)
     raw.train()
-    while step < args.max_steps:
-        batch = next(data_iter)
+    for batch in run.batches(train_loader):
         x = batch["image"].to(env.device, non_blocking=True).contiguous(memory_format=nhwc)
-        skipped += int(batch["skipped"].sum())
-        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
+        skipped.add(batch["skipped"].sum())
+        lr = lr_at(run.step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
         set_lr((opt_g, opt_d), lr)
 
         with autocast:
             x_rec, _, qloss, qstats = model(x)
-        gan = loss_fn.gan_active(step)
+        gan = loss_fn.gan_active(run.step)
         disc_raw.requires_grad_(False)  # the generator's GAN term must not train the discriminator
-        g_loss, logs = loss_fn.generator_loss(x, x_rec.float(), qloss, step, disc_raw if gan else None,
+        g_loss, logs = loss_fn.generator_loss(x, x_rec.float(), qloss, run.step, disc_raw if gan else None,
                                               raw.last_layer)
         disc_raw.requires_grad_(True)
-        opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        if args.grad_clip > 0:
-            logs["grad_norm/g"] = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-        opt_g.step()
+        norm = precision.step(g_loss, opt_g, raw.parameters(), args.grad_clip if args.grad_clip > 0 else None)
+        if norm is not None:
+            logs["grad_norm/g"] = norm
         if gan:
             with autocast:
                 d_loss, d_logs = loss_fn.discriminator_loss(disc, x, x_rec.detach())
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.float().backward()
-            opt_d.step()
+            precision.step(d_loss.float(), opt_d)
             logs.update(d_logs)
+        precision.update()  # one loss scale for both optimizers, updated once a step
         if ema is not None:
             ema.update(raw)
-        step += 1
-        imgs_since_log += x.shape[0] * env.world_size
-        log.advance(1, {"loss": logs["loss/total"], "ppl": qstats["perplexity"]})
+        run.advance(x.shape[0], {"loss": logs["loss/total"], "ppl": qstats["perplexity"]})
 
-        if step % args.log_every == 0 or step == args.max_steps:
-            dt = time.time() - t_log
-            logs.update({"lr": lr, "perf/images_per_s": imgs_since_log / max(dt, 1e-9),
-                         "train/perplexity": qstats["perplexity"], "train/batch_usage": qstats["batch_usage"],
-                         "data/skipped_images": skipped})
-            log.scalars(logs, step)
-            log.print(f"step {step}/{args.max_steps} loss {float(logs['loss/total']):.4f} "
-                      f"pixel {float(logs['loss/pixel']):.4f} ppl {float(qstats['perplexity']):.1f} "
-                      f"{imgs_since_log / max(dt, 1e-9):.1f} img/s")
-            t_log, imgs_since_log = time.time(), 0
+        if run.due(args.log_every):
+            rate = run.throughput()
+            logs.update({"lr": lr, "perf/images_per_s": rate, "train/perplexity": qstats["perplexity"],
+                         "train/batch_usage": qstats["batch_usage"], "data/skipped_images": skipped.total(env.device),
+                         **precision.scalars()})
+            run.log.scalars(logs, run.step)
+            run.log.print(f"step {run.step}/{args.max_steps} loss {float(logs['loss/total']):.4f} "
+                          f"pixel {float(logs['loss/pixel']):.4f} ppl {float(qstats['perplexity']):.1f} "
+                          f"{rate:.1f} img/s")
 
         is_best = False
-        if step % args.val_every == 0 or step == args.max_steps:
-            eval_model = ema.model if ema is not None else raw
-            metrics, first = validate(eval_model, val_loader, env, autocast, lpips_val, args.val_batches)
-            log.scalars(metrics, step)
-            log.print("val " + " ".join(f"{k[4:]} {v:.4f}" for k, v in metrics.items()))
+        if run.due(args.val_every):
+            metrics, first = validate(ema.model if ema is not None else raw, val_loader, env, autocast, lpips_val,
+                                      args.val_batches)
+            run.log.scalars(metrics, run.step)
+            run.log.print("val " + " ".join(f"{k[4:]} {v:.4f}" for k, v in metrics.items()))
             if env.is_main and first is not None:
-                log.image("reconstruction (top: input)", save_grid(first, out / "recon.png"), step)
-            is_best = metrics["val/psnr"] > best
-            best = max(best, metrics["val/psnr"])
+                run.log.image("reconstruction (top: input)", save_grid(first, run.out / "recon.png"), run.step)
+            is_best = run.improved(metrics["val/psnr"])
+        run.checkpoint(is_best, lambda: {"config": cfg.to_dict(), "model": raw.state_dict(),
+                                         "discriminator": disc_raw.state_dict(), "opt_g": opt_g.state_dict(),
+                                         "opt_d": opt_d.state_dict(), "skipped_images": skipped.total(env.device)})
 
-        stopping = D.any_rank(stop.requested, env.device)
-        if stopping or is_best or step % args.save_every == 0 or step == args.max_steps:
-            rngs = ckpt.gather_rng_states()
-            if env.is_main:
-                periodic = args.keep_every > 0 and step % args.keep_every == 0
-                manager.save(checkpoint_state(raw, disc_raw, ema, opt_g, opt_d, scaler, step,
-                                              sampler.epoch_of(step), args, best, skipped, rngs),
-                             step, periodic=periodic, best=is_best)
-            D.barrier()
-        if stopping:
-            log.print(f"received {stop.name or 'a stop signal'}: saved {manager.latest} at step {step}; "
-                      f"continue with --resume auto")
-            break
-
-    elapsed = time.time() - t_start
-    if metrics and env.is_main:
-        log.print(f"done: step {step}, {elapsed / 60:.1f} min, val PSNR {metrics['val/psnr']:.2f} dB, "
-                  f"L1 {metrics['val/l1']:.4f}, code usage {metrics['val/usage']:.1%}, "
-                  f"perplexity {metrics['val/perplexity']:.1f}, skipped images {skipped}, "
-                  f"checkpoints in {out}")
-    log.close()
-    stop.restore()
-    D.cleanup()
+    n_skipped = skipped.total(env.device)  # a collective: before the rank-0-only summary
+    run.finish(metrics and f"val PSNR {metrics['val/psnr']:.2f} dB, L1 {metrics['val/l1']:.4f}, code usage "
+                           f"{metrics['val/usage']:.1%}, perplexity {metrics['val/perplexity']:.1f}, "
+                           f"skipped images {n_skipped}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from datasets.transforms import unpack_key
+from engine.errors import DataError  # noqa: F401  (the engine's, which its loaders raise too; datasets' own)
 
 # Truncated files must raise instead of decoding to a half-grey image that would silently enter training.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -29,10 +30,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 MAX_ATTEMPTS = 100
 
 Transform = Callable[[Image.Image, int], torch.Tensor]
-
-
-class DataError(ValueError):
-    """A problem the user can fix (wrong path, empty folder, missing flag); the message is one line."""
 
 
 class CorruptImageWarning(UserWarning):

@@ -17,16 +17,35 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError, ValueError):
     """A checkpoint a user pointed at cannot be used; the message is one line that says what to do."""
 
 
-def _umask_mode() -> int:
-    """0o666 less the process umask: what open() would give; mkstemp's files are 0o600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+_PROC_STATUS = "/proc/self/status"  # Linux >= 4.7 reports the umask here ("Umask:\t0022")
+
+
+def process_umask(folder: str | os.PathLike) -> int:
+    """The process umask, read without changing it. os.umask can only be read by setting it, and the set-
+    and-restore pair leaves a window in which every other thread's new files get the wrong mode (0o666 for a
+    writer that asked for private files). Linux says it in /proc; elsewhere a probe file created in `folder`
+    with mode 0o777 comes out as 0o777 less the umask."""
+    try:
+        with open(_PROC_STATUS) as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    probe = os.path.join(folder, f".umask-probe.{os.getpid()}.{os.urandom(6).hex()}")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o777)
+    try:
+        return 0o777 & ~os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -40,7 +59,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, 0o666 & ~process_umask(path.parent))  # what open() would give; mkstemp's are 0o600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

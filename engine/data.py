@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from datasets.robust import DataError
 from engine.distributed import DistEnv
+from engine.errors import DataError
 from engine.sampler import ResumableBatchSampler
 
 

@@ -56,12 +56,15 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """--precision auto|bf16|fp32 -> the autocast dtype, None for fp32. auto: bf16 on CUDA and on CPUs
-    with native bf16, fp32 elsewhere (MPS, older CPUs)."""
+    """--precision auto|bf16|fp16|fp32 -> the autocast dtype, None for fp32. auto: bf16 on CUDA and on CPUs
+    with native bf16, fp32 elsewhere (MPS, older CPUs). fp16 is for GPUs without bf16 (V100, T4); training in
+    it needs loss scaling (engine.trainer.Precision)."""
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
         return torch.bfloat16
     return None

@@ -9,10 +9,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine.errors import UserError
+
 VGG16_FILE = "vgg16-397923af.pth"  # the name torchvision's model zoo caches VGG16 under
 
 
-class MissingWeightsError(RuntimeError):
+class MissingWeightsError(UserError, RuntimeError):
     """Raised with a one-line message when perceptual-loss weights are not on disk."""
 
 

@@ -1,5 +1,6 @@
 """train_vqgan.py run as a user runs it: training lowers the error, a SIGTERM'd run resumes to the same
 weights as an uninterrupted one, 2 gloo processes equal 1 process, broken inputs end in one line."""
+import math
 import os
 import re
 import signal
@@ -12,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.compare import assert_states_match
+from tests.conftest import COMPAT_DIR, REPO
 
 # Small, fast runs: 8 images a step, Shapes world, no TensorBoard, 1 thread so runs are bit-reproducible.
 BASE = ["--preset", "shapes", "--batch-size", "8", "--no-tensorboard", "--shapes-val-size", "16",
@@ -137,13 +139,12 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     a, b = load_state(tmp_path / "one" / "latest.pt"), load_state(tmp_path / "two" / "latest.pt")
     assert a["step"] == b["step"] == 4
     for part in ("model", "discriminator"):
-        diff = torch.cat([(a[part][k].float() - b[part][k].float()).abs().flatten() for k in a[part]])
-        # Equal up to float summation order. Adam turns the pure-noise gradient of a bias that a
-        # GroupNorm cancels into a full-size step, so a handful of elements may differ by up to the
-        # summed learning rate (4e-3); here ~0.1% of elements do. A real difference moves most elements:
-        # one process on a batch of 4 instead of 8 differs from it in 99% (model) and 82% (discriminator).
-        assert diff.max() <= 4e-3 + 1e-6, part
-        assert (diff > 1e-5).float().mean() < 1e-2, (part, (diff > 1e-5).sum().item(), diff.numel())
+        # Each tensor on its own (tests/compare.py): equal up to float summation order, but for Adam's odd
+        # flipped element, at most the summed learning rate (4e-3) away (measured: up to 0.8% of a
+        # discriminator tensor's elements, none of the VQGAN's). A tensor left out of the all-reduce
+        # differs in 25-50% of its elements (measured on decoder.norm_out.bias and the discriminator's
+        # main.6.bias), which the old check over all elements pooled let pass.
+        assert_states_match(a[part], b[part], part, bound=4e-3 + 1e-6)
 
 
 def test_corrupt_image_in_folder_is_skipped_and_reported(tmp_path):
@@ -166,6 +167,9 @@ def test_corrupt_image_in_folder_is_skipped_and_reported(tmp_path):
     (["--resume", "/nonexistent/ckpt.pt"], "checkpoint not found"),
     (["--dataset", "folder"], "--data-path"),
     (["--dataset", "folder", "--data-path", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["--init-from", "/nonexistent/vqgan.pt"], "not found"),
+    (["--init-from", str(COMPAT_DIR / "clipgen_gpt_small.pt")], "not a VQGAN checkpoint"),
+    (["--init-from", str(COMPAT_DIR / "clipgen_vqgan_small.pt"), "--n-codes", "128"], "drop --n-codes"),
 ])
 def test_user_errors_end_in_one_line(tmp_path, args, needle):
     r = run_train(args + ["--max-steps", "1", "--out-dir", str(tmp_path)], timeout=120)
@@ -244,3 +248,98 @@ def test_compile_flag_trains_like_eager(tmp_path):
     assert a["model"].keys() == b["model"].keys()          # no torch.compile "_orig_mod." prefixes
     weights = {k: v for k, v in b["model"].items() if k != "quantize.usage"}
     assert_same_tensors(weights, {k: a["model"][k] for k in weights}, atol=1e-4)
+
+
+# --- fine-tuning (--init-from) and fp16 -------------------------------------------------------------------------
+# The compatibility fixtures' VQGANs are small (32 px, 64 codes): a few steps take seconds.
+
+SMALL = ["--batch-size", "4", "--shapes-train-size", "16", "--shapes-val-size", "4", "--val-every", "2",
+         "--num-workers", "0"]
+
+
+def _losses(stdout: str) -> list[float]:
+    return [float(v) for v in re.findall(r"^step \d+/\d+ loss (\S+)", stdout, re.M)]
+
+
+@pytest.mark.parametrize("name", ["clipgen_vqgan_small.pt", "taming_vqgan_small.ckpt", "taming_vqgan_lightning.ckpt",
+                                  "exported.safetensors"])
+def test_init_from_trains_the_files_weights_from_step_0(tmp_path, name):
+    """CLIP-GEN, taming (plain and Lightning) and exported files: the model and its config come from the file,
+    the optimizer and step count start afresh. At lr 0 the weights trained are exactly the file's."""
+    from engine.checkpoint import save_weights
+    from models.convert import load_vqgan
+
+    src = COMPAT_DIR / name
+    if name == "exported.safetensors":  # what export.py writes: our own model, weights and config only
+        model = load_vqgan(COMPAT_DIR / "clipgen_vqgan_small.pt")
+        save_weights(src := tmp_path / name, "vqgan", model.cfg.to_dict(), model.state_dict(), dtype=None)
+    r = run_train(["--init-from", str(src), "--max-steps", "2", "--lr", "0", "--warmup-steps", "0", *SMALL,
+                   "--out-dir", str(tmp_path / "out")])
+    assert r.returncode == 0, r.stderr
+    assert f"fine-tuning {src}" in r.stdout
+    assert re.findall(r"^step (\d+)/2 ", r.stdout, re.M) == ["1", "2"]
+    assert all(np.isfinite(_losses(r.stdout))) and len(_losses(r.stdout)) == 2
+    state, want = load_state(tmp_path / "out" / "latest.pt"), load_vqgan(src)
+    assert state["step"] == 2 and state["config"] == want.cfg.to_dict()
+    assert {int(s["step"]) for s in state["opt_g"]["state"].values()} == {2}  # a fresh optimizer: 2 steps
+    assert_same_tensors(state["model"], want.state_dict())
+
+
+def test_init_from_fine_tunes_and_a_resumed_run_continues_instead(tmp_path):
+    src, out = COMPAT_DIR / "clipgen_vqgan_small.pt", str(tmp_path / "out")
+    common = ["--init-from", str(src), "--lr", "1e-3", "--warmup-steps", "0", *SMALL, "--out-dir", out]
+    r = run_train(common + ["--max-steps", "2"])
+    assert r.returncode == 0, r.stderr
+    assert all(np.isfinite(_losses(r.stdout)))
+    from models.convert import load_vqgan
+
+    start = load_vqgan(src).state_dict()
+    after = load_state(tmp_path / "out" / "latest.pt")["model"]
+    assert not torch.equal(after["decoder.conv_out.weight"], start["decoder.conv_out.weight"])  # it trained
+    # A requeued job repeats its command: the run's own checkpoint wins over --init-from.
+    r = run_train(common + ["--max-steps", "3", "--resume", "auto"])
+    assert r.returncode == 0, r.stderr
+    assert "resuming at step 2 (--init-from" in r.stdout and "ignored" in r.stdout
+    assert re.findall(r"^step (\d+)/3 ", r.stdout, re.M) == ["3"]
+
+
+def test_fp16_trains_both_optimizers_under_one_loss_scale(tmp_path):
+    r = run_train(["--init-from", str(COMPAT_DIR / "clipgen_vqgan_small.pt"), "--precision", "fp16", "--max-steps",
+                   "3", "--disc-start", "1", "--disc-weight", "0.5", *SMALL, "--batch-size", "2", "--out-dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    assert "in fp16" in r.stdout and all(np.isfinite(_losses(r.stdout)))
+    state = load_state(tmp_path / "latest.pt")
+    scaler = state["scaler"]  # saved for the resume ({} would mean no scaler ran)
+    assert scaler["scale"] <= 2.0 ** 16 and scaler["_growth_tracker"] >= 1
+    # Both networks stepped under the one scale: each step of 3 (generator) and of 2 (discriminator, from step
+    # 2) but those the scaler skipped because their gradients overflowed (each halved the scale once).
+    overflowed = round(math.log2(2.0 ** 16 / scaler["scale"]))
+    (g_steps,) = {int(s["step"]) for s in state["opt_g"]["state"].values()}
+    (d_steps,) = {int(s["step"]) for s in state["opt_d"]["state"].values()}
+    assert 3 - overflowed <= g_steps <= 3 and 2 - overflowed <= d_steps <= 2 and d_steps >= 1
+
+
+def test_two_processes_count_the_corrupt_images_one_process_counts(tmp_path):
+    """Each rank skips the broken files of its own share of a batch; the run's count (logs, checkpoint, done
+    line) is their sum: the same as one process reading the same global batches."""
+    data = tmp_path / "imgs" / "sub"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / f"{i:02d}.png")
+    for i in (3, 7, 8, 12, 16):
+        (data / f"{i:02d}.png").write_bytes(b"not a png at all")
+    common = ["--init-from", str(COMPAT_DIR / "clipgen_vqgan_small.pt"), "--dataset", "folder", "--data-path",
+              str(tmp_path / "imgs"), "--val-fraction", "0.1", "--batch-size", "8", "--max-steps", "2",
+              "--val-every", "2", "--num-workers", "0", "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    counts = []
+    for name, prefix in (("one", None), ("two", torchrun)):
+        r = run_train(common + ["--out-dir", str(tmp_path / name)], prefix=prefix)
+        assert r.returncode == 0, r.stderr[-3000:]
+        done = [line for line in r.stdout.splitlines() if line.startswith("done:")][0]
+        counts.append((int(re.search(r"skipped images (\d+)", done).group(1)),
+                       load_state(tmp_path / name / "latest.pt")["skipped_images"]))
+    assert counts[0][0] >= 2 and counts[0] == (counts[0][0],) * 2, counts
+    assert counts[1] == counts[0], counts
