@@ -5,6 +5,8 @@
 
 Writes OUT/train and OUT/val (see datasets/encoded.py for the format); train_gpt.py --shards OUT reads
 them. Processes encode disjoint shards in parallel; an interrupted run continues where it stopped.
+It continues only shards the same VQGAN, CLIP and precision made (their fingerprints are stored with the
+shards); --overwrite deletes the shards of other ones and encodes afresh.
 Training items get the crop their index's seed gives (on-the-fly training draws a new crop every epoch).
 """
 from __future__ import annotations
@@ -22,6 +24,8 @@ from engine.cli import run
 from models.clip import load_clip
 from models.convert import load_vqgan
 
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # autocast dtype -> name
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="fp32",
                    help="autocast for the frozen networks (fp32 keeps tokens identical to on-the-fly fp32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the shards already in OUT/train and OUT/val and encode again (needed when "
+                        "they were made with another VQGAN, CLIP or precision)")
     return p.parse_args(argv)
 
 
@@ -49,7 +56,7 @@ def encode_batch(vqgan, clip, batch: dict, device, autocast) -> dict[str, torch.
     return out
 
 
-def encode_split(dataset, folder: Path, vqgan, clip, args, env: D.DistEnv, autocast, log) -> int:
+def encode_split(dataset, folder: Path, vqgan, clip, args, env: D.DistEnv, autocast, log, models: dict) -> int:
     n, size = len(dataset), args.shard_size
     total = encoded.n_shards(n, size)
     token_dtype = torch.int16 if vqgan.cfg.n_codes <= 32767 else torch.int32
@@ -62,7 +69,8 @@ def encode_split(dataset, folder: Path, vqgan, clip, args, env: D.DistEnv, autoc
         parts = [encode_batch(vqgan, clip, b, env.device, autocast) for b in loader]
         tensors = {name: torch.cat([p[name].cpu() for p in parts]) for name in parts[0]}
         tensors["tokens"] = tensors["tokens"].to(token_dtype)
-        encoded.write_shard(folder, k, tensors, {"first": k * size, "n": len(tensors["index"])})
+        info = {"first": k * size, "n": len(tensors["index"]), "models": models}
+        encoded.write_shard(folder, k, tensors, info)
         done += 1
         log(f"{folder.name}: shard {k + 1}/{total} ({len(tensors['index'])} items)")
     return done
@@ -78,15 +86,22 @@ def main(args) -> None:
     log = print if env.is_main else (lambda *a: None)
     t0 = time.time()
     out = Path(args.out)
+    models = encoded.models_record(vqgan, clip, args.vqgan, args.clip, PRECISION_NAMES[amp])
+    for split in ("train", "val"):  # before anything is written
+        if not args.overwrite:
+            encoded.check_resume(out / split, models)  # every rank reads the same files: all refuse together
+        elif env.is_main and (n := encoded.clear(out / split)):
+            log(f"{split}: deleted {n} shards encoded earlier (--overwrite)")
+    D.barrier()  # the deletions are done before any rank looks for finished shards
     for split, ds in (("train", train_ds), ("val", val_ds)):
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
-        encode_split(ds, folder, vqgan, clip, args, env, autocast, log)
+        encode_split(ds, folder, vqgan, clip, args, env, autocast, log, models)
         D.barrier()
         if env.is_main:
             encoded.write_meta(folder, {
                 "n_items": len(ds), "n_shards": encoded.n_shards(len(ds), args.shard_size),
-                "shard_size": args.shard_size, "vqgan": str(args.vqgan), "clip": str(args.clip),
+                "shard_size": args.shard_size, "vqgan": str(args.vqgan), "clip": str(args.clip), "models": models,
                 "n_codes": vqgan.cfg.n_codes, "grid_size": vqgan.cfg.grid_size, "embed_dim": clip.embed_dim,
                 "dataset": args.dataset, "shapes_split": getattr(args, "shapes_split", None),
                 "has_text": "caption" in ds[0]})

@@ -8,23 +8,34 @@ meta.json lists every shard, so it never sees a half-written one.
 
 Tensors per shard (N items): tokens (N, h, w) int16/int32, image_embed (N, D) float16 (L2-normalised),
 index (N,) int64, and where the source has captions text_embed (N, D) float16 (for --cond text).
+
+Shards outlive the networks that made them, so meta.json and every shard's metadata record which ones did
+("models": fingerprints of the VQGAN's and CLIP's weights, models/fingerprint.py, and the precision):
+preencode.py adds shards to a folder only if they match (check_resume; --overwrite clears it first), and
+train_gpt.py reads a folder only with the VQGAN and CLIP that made it (check_models). A folder written
+before fingerprints were recorded is refused by both, with a hint to re-encode it.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from datasets.robust import DataError
 from engine.checkpoint import atomic_write
 from datasets.transforms import unpack_key
+from models.fingerprint import fingerprint, short
 
 META = "meta.json"
 FORMAT = "clipgen-encoded-v1"
+_SHARD = re.compile(r"shard-\d{5}\.safetensors")
+_LABEL = {"vqgan": "VQGAN", "clip": "CLIP"}
 
 
 def shard_name(k: int) -> str:
@@ -47,6 +58,76 @@ def write_meta(folder: Path, meta: dict) -> None:
             json.dump({"format": FORMAT, **meta}, f, indent=1)
 
     atomic_write(folder / META, write)
+
+
+def models_record(vqgan, clip, vqgan_source, clip_source, precision: str) -> dict:
+    """What preencode.py stores in meta.json and each shard as "models": who encoded, and in what precision."""
+    return {"vqgan": {"fingerprint": fingerprint(vqgan), "source": str(vqgan_source)},
+            "clip": {"fingerprint": fingerprint(clip), "source": str(clip_source)}, "precision": precision}
+
+
+def shard_info(path: Path) -> dict:
+    """The info dict write_shard stored in a shard's header (the tensors are not read)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return json.loads((f.metadata() or {}).get("info", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__}): re-run preencode.py with --overwrite") from None
+
+
+def _older(path: Path) -> DataError:
+    return DataError(f"{path} was written by an older preencode.py that recorded no fingerprint of its VQGAN "
+                     f"and CLIP: re-run preencode.py with --overwrite to re-encode it")
+
+
+def check_resume(folder: str | os.PathLike, record: dict) -> None:
+    """Refuse to add shards to `folder` when the meta.json or any shard already there was made by another
+    VQGAN, CLIP or precision than `record` (models_record) says, or by a version that recorded none."""
+    folder = Path(folder)
+    found = [(folder / META, read_meta(folder))] if (folder / META).is_file() else []
+    found += [(p, shard_info(p)) for p in sorted(folder.glob("shard-*.safetensors")) if _SHARD.fullmatch(p.name)]
+    for path, info in found:
+        old = info.get("models")
+        if old is None:
+            raise _older(path)
+        for name in ("vqgan", "clip"):
+            if old[name]["fingerprint"] != record[name]["fingerprint"]:
+                raise DataError(
+                    f"{folder} holds shards encoded with another {_LABEL[name]} ({old[name]['source']}, "
+                    f"fingerprint {short(old[name]['fingerprint'])}) than --{name} {record[name]['source']} "
+                    f"({short(record[name]['fingerprint'])}): pass --overwrite to re-encode, or choose another --out")
+        if old["precision"] != record["precision"]:
+            raise DataError(f"{folder} holds shards encoded in {old['precision']}, not {record['precision']}: "
+                            f"pass --precision {old['precision']} to continue them, or --overwrite to re-encode")
+
+
+def clear(folder: str | os.PathLike) -> int:
+    """Delete a folder's pre-encoded set for --overwrite: meta.json first (from then on no reader takes the
+    folder for complete), then the shards and temporaries a killed run left. Other files are not touched.
+    Returns how many shards were deleted."""
+    folder = Path(folder)
+    (folder / META).unlink(missing_ok=True)
+    shards = [p for p in folder.glob("shard-*.safetensors") if _SHARD.fullmatch(p.name)]
+    for p in shards + list(folder.glob(".shard-*.safetensors.*.tmp")) + list(folder.glob(f".{META}.*.tmp")):
+        p.unlink(missing_ok=True)
+    return len(shards)
+
+
+def check_models(vqgan, clip, *sets: "EncodedShards") -> None:
+    """Refuse pre-encoded sets that another VQGAN or CLIP made than the ones a run samples with: a GPT would
+    learn one codebook's tokens and be decoded with another's. Each network is hashed once (~0.9 s for a
+    ViT-B/32 CLIP), whatever the number of sets."""
+    mine = {"vqgan": fingerprint(vqgan), "clip": fingerprint(clip)}
+    for s in sets:
+        old = s.meta.get("models")
+        if old is None:
+            raise _older(s.folder)
+        for name, fp in mine.items():
+            if old[name]["fingerprint"] != fp:
+                raise DataError(
+                    f"{s.folder} was encoded with another {_LABEL[name]} ({old[name]['source']}, fingerprint "
+                    f"{short(old[name]['fingerprint'])}) than --{name} ({short(fp)}): re-run preencode.py "
+                    f"--overwrite with this --{name}, or pass the {_LABEL[name]} the shards were made with")
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
