@@ -8,7 +8,14 @@
 Without --vqgan/--gpt/--clip it loads pretrained/shapes/{vqgan,gpt,clip}.safetensors (`make shapes`
 trains and exports them). --cand-size candidates are sampled (in batches, with the GPT's KV cache; bf16
 autocast on CUDA), CLIP scores each by the cosine similarity of its image embedding to the condition, and
-the best --out-k are kept. The same --seed and flags (--batch-size too: one generator draws the batches in
+the best --out-k are kept.
+
+Sampling presets (--sampling; the flags --cand-size, --top-k, --top-p, --temperature, when given, win):
+  shapes   16 candidates, the full distribution (no top-k, no top-p): for the project's Shapes GPTs
+  clipgen  64 candidates, top-k 500, top-p 0.95: CLIP-GEN's own settings, for a GPT imported from CLIP-GEN
+By default (auto) a GPT imported from CLIP-GEN gets clipgen and any other shapes; the first line printed
+says which preset and settings were used. A CLIP-GEN GPT has no trained null condition: --cfg-scale other
+than 1 is refused on it. The same --seed and flags (--batch-size too: one generator draws the batches in
 turn) give the same files; every prompt of --prompts is drawn with that seed, as --text would draw it.
 
 Files written (OUT is --out, default sample.png; OUT_x means OUT's name with _x before the suffix):
@@ -24,6 +31,8 @@ The same in Python:
     from models.pipeline import TextToImage
     pipe = TextToImage.from_folder("pretrained/shapes")
     out = pipe("a red circle", n_candidates=16, keep=4, seed=0); out.images, out.scores; out.save("x.png")
+    from models.pipeline import SAMPLING_PRESETS, default_sampling     # the preset the GPT calls for:
+    out = pipe("a red circle", **SAMPLING_PRESETS[default_sampling(pipe.gpt.cfg)], keep=4)
 """
 from __future__ import annotations
 
@@ -37,10 +46,13 @@ from pathlib import Path
 
 START = time.perf_counter()  # before the imports: the summary line counts them
 
-import torch  # noqa: E402  (open_clip and the models are imported in main(), after the cheap checks)
+import torch  # noqa: E402
 
 from engine.checkpoint import CheckpointError  # noqa: E402
 from engine.cli import UsageError, run  # noqa: E402
+# Cheap once torch is in (0.03 s): open_clip is imported only by the CLIP loaders that need it.
+from models.clip import looks_like_path  # noqa: E402
+from models.pipeline import SAMPLING_PRESETS, default_sampling, numbered  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = Path("pretrained/shapes")  # relative to this file's folder
@@ -50,6 +62,9 @@ HOW_TO_GET = "run `make shapes` to train the Shapes checkpoints"
 # 1 thread and 19 s on 2 (2 cores busy with training: OpenMP threads wait for each other at each of the
 # thousands of small per-token ops). On free cores a second thread could save part of the 0.35 s at most.
 SMALL_GPT_WIDTH = 512
+PRESET_NAMES = tuple(SAMPLING_PRESETS)
+# The flags a preset fills in when not given: {argparse dest: SAMPLING_PRESETS key}
+PRESET_FLAGS = {"cand_size": "n_candidates", "top_k": "top_k", "top_p": "top_p", "temperature": "temperature"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -77,13 +92,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help=f"{name} checkpoint or weights file{extra} (default: {SHIPPED / kind}.safetensors)")
     g.add_argument("--no-ema", action="store_true", help="the GPT's raw weights, not its EMA (training checkpoints)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--cand-size", type=int, default=16, help="candidates sampled per prompt (default 16)")
-    g.add_argument("--out-k", type=int, default=4, help="kept after CLIP re-ranking (default 4)")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    g.add_argument("--sampling", choices=["auto", *PRESET_NAMES], default="auto",
+                   help="the preset the four flags below default to (see above; default auto: clipgen for a "
+                        "GPT imported from CLIP-GEN, shapes for others)")
+    g.add_argument("--cand-size", type=int, default=None, help="candidates sampled per prompt (preset: 16 or 64)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (preset: none "
+                                                           "or 500)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens "
-                                                             "whose probability reaches p")
-    g.add_argument("--temperature", type=float, default=1.0, help="default 1")
-    g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
+                                                             "whose probability reaches p (preset: none or 0.95)")
+    g.add_argument("--temperature", type=float, default=None, help="(preset: 1)")
+    g.add_argument("--out-k", type=int, default=4, help="kept after CLIP re-ranking (default 4)")
+    g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = none; refused on "
+                                                                "a GPT whose null condition was never trained)")
     g.add_argument("--seed", type=int, default=0, help="same seed (and --batch-size), same images (default 0)")
     g.add_argument("--batch-size", type=int, default=64, help="candidates sampled at once (default 64)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best there is)")
@@ -115,9 +135,9 @@ def check_numbers(args) -> None:
                              ("threads", args.threads, 1)):
         if value is not None and value < low:
             raise UsageError(f"--{flag} must be at least {low}, got {value}")
-    if args.out_k > args.cand_size:
+    if args.cand_size is not None and args.out_k > args.cand_size:
         raise UsageError(f"--out-k {args.out_k} keeps more than the --cand-size {args.cand_size} candidates")
-    if not args.temperature > 0:
+    if args.temperature is not None and not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature} (use --top-k 1 for greedy)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
@@ -183,7 +203,7 @@ def checkpoint_paths(args) -> dict[str, tuple[str, bool]]:
         hint = f"{HOW_TO_GET}, or pass --{kind} PATH"
         if given is None and not Path(path).is_file():
             raise CheckpointError(f"{_short(path)} not found (the shipped Shapes {name}): {hint}")
-        if given is not None and not Path(given).is_file() and (kind != "clip" or _looks_like_path(given)):
+        if given is not None and not Path(given).is_file() and (kind != "clip" or looks_like_path(given)):
             raise CheckpointError(f"{name} checkpoint not found: {given} (--{kind}); {hint} of an existing file")
         out[kind] = (path, given is None)
     return out
@@ -202,14 +222,6 @@ def _short(path: str | Path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
-def _looks_like_path(text: str) -> bool:
-    """As models.clip reads a --clip value: a file unless it is an open_clip NAME:TAG or hub name."""
-    if text.startswith(("hf-hub:", "local-dir:")):
-        return False
-    return os.sep in text or "/" in text or text.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors")) \
-        or ":" not in text
-
-
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
     text = str(message).strip().splitlines()
     return f"warning: {text[0] if text else category.__name__}\n"
@@ -224,7 +236,7 @@ def main(args: argparse.Namespace) -> None:
         prompts = read_prompts(args.prompts)
         for j, text in enumerate(prompts):
             check_text(text, f"prompt {j} of {args.prompts}")
-        jobs = [Job(f"prompt {j}: {_quote(t)}", _numbered(out, f"p{j}"), t) for j, t in enumerate(prompts)]
+        jobs = [Job(f"prompt {j}: {_quote(t)}", numbered(out, f"p{j}"), t) for j, t in enumerate(prompts)]
     elif args.image:
         jobs = [Job(f"variations of {args.image}", out)]
     elif args.interpolate:
@@ -236,14 +248,17 @@ def main(args: argparse.Namespace) -> None:
     picture = read_picture(args.image) if args.image else None
     paths = checkpoint_paths(args)
 
-    import models.pipeline  # noqa: F401  (open_clip, the models: the rest of the imports, timed)
-
     default_threads = torch.get_num_threads()
     t_imports = time.perf_counter()
     device = check_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # reading and casting weights gains nothing from more
-    pipe = load_pipeline(paths, device, args)
+    # The GPT first: its config says which sampling settings fit it and whether it can be guided, and a
+    # refusal should come before the VQGAN and CLIP are loaded.
+    gpt = load_stage("gpt", *paths["gpt"], device, args)
+    gpt.cfg.check_guidance(args.cfg_scale)
+    print(resolve_sampling(args, gpt.cfg), flush=True)
+    pipe = load_pipeline(paths, device, args, gpt)
     if device.type == "cpu":
         threads = args.threads or (1 if pipe.gpt.cfg.n_embd <= SMALL_GPT_WIDTH else default_threads)
         torch.set_num_threads(threads)
@@ -318,25 +333,51 @@ def check_device(requested: str | None) -> torch.device:
     return device
 
 
-def load_pipeline(paths: dict, device, args):
-    """The three stages, each CheckpointError prefixed with its flag; stages that do not fit together are a
-    user error too (one line), not a traceback."""
+def resolve_sampling(args, gpt_cfg) -> str:
+    """Fill in the sampling flags left unset (PRESET_FLAGS) from the preset: --sampling's, or for auto the
+    one the GPT calls for (models.pipeline.default_sampling: CLIP-GEN's for a CLIP-GEN GPT). Returns the
+    line that says which preset and settings are used, the flags given marked as such."""
+    name = default_sampling(gpt_cfg) if args.sampling == "auto" else args.sampling
+    given = {dest for dest in PRESET_FLAGS if getattr(args, dest) is not None}
+    for dest, key in PRESET_FLAGS.items():
+        if dest not in given:
+            setattr(args, dest, SAMPLING_PRESETS[name][key])
+    if not args.interpolate and args.out_k > args.cand_size:
+        raise UsageError(f"--out-k {args.out_k} keeps more than the {args.cand_size} candidates of the {name} "
+                         f"sampling preset; raise --cand-size")
+    why = {"auto": "for a GPT imported from CLIP-GEN" if name == "clipgen" else "for the project's GPTs"}
+    settings = {"cand_size": f"{args.cand_size} candidates", "top_k": f"top-k {args.top_k or 'none'}",
+                "top_p": f"top-p {'none' if args.top_p is None else format(args.top_p, 'g')}",
+                "temperature": f"temperature {args.temperature:g}"}
+    if args.interpolate:
+        del settings["cand_size"]  # one image per step
+    shown = [text + (f" (--{dest.replace('_', '-')})" if dest in given else "") for dest, text in settings.items()]
+    return f"sampling: {name} preset ({why.get(args.sampling, '--sampling')}): {', '.join(shown)}"
+
+
+def load_stage(kind: str, path: str, default: bool, device, args):
+    """One stage's model; a CheckpointError is prefixed with its flag and says how to get a good file."""
     from models.clip import load_clip
     from models.convert import load_vqgan
     from models.convert_gpt import load_gpt
-    from models.pipeline import TextToImage
 
     loaders = {"vqgan": load_vqgan, "gpt": lambda p: load_gpt(p, use_ema=not args.no_ema),
                "clip": lambda p: load_clip(p, device=device)}
-    stages = {}
-    for kind, (path, default) in paths.items():
-        try:
-            stages[kind] = loaders[kind](path)
-        except CheckpointError as e:  # unreadable, or of another kind; say how to get a good one
-            hint = f" ({HOW_TO_GET}, or pass --{kind} PATH)" if default or "pass " not in str(e) else ""
-            raise CheckpointError(f"--{kind}: {e}{hint}") from None
     try:
-        return TextToImage(stages["vqgan"], stages["gpt"], stages["clip"], device, args.precision)
+        return loaders[kind](path)
+    except CheckpointError as e:  # unreadable, or of another kind; say how to get a good one
+        hint = f" ({HOW_TO_GET}, or pass --{kind} PATH)" if default or "pass " not in str(e) else ""
+        raise CheckpointError(f"--{kind}: {e}{hint}") from None
+
+
+def load_pipeline(paths: dict, device, args, gpt):
+    """The VQGAN and CLIP beside the loaded GPT; stages that do not fit together are a user error too (one
+    line), not a traceback."""
+    from models.pipeline import TextToImage
+
+    vqgan, clip = (load_stage(kind, *paths[kind], device, args) for kind in ("vqgan", "clip"))
+    try:
+        return TextToImage(vqgan, gpt, clip, device, args.precision)
     except ValueError as e:
         raise CheckpointError(f"the checkpoints do not fit together: {e}; pass the --vqgan and --clip the GPT "
                               f"was trained with") from None
@@ -354,10 +395,6 @@ def progress_bar(total: int, unit: str, quiet: bool):
 
 def _quote(text: str, width: int = 70) -> str:
     return repr(text if len(text) <= width else text[:width - 3] + "...")
-
-
-def _numbered(path: Path, i) -> Path:
-    return path.with_name(f"{path.stem}_{i}{path.suffix}")
 
 
 if __name__ == "__main__":

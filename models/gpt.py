@@ -13,6 +13,8 @@ Training convention: ``logits = gpt(tokens, cond)`` has the shape of ``tokens`` 
 
 Classifier-free guidance: a learned null prefix replaces the projected condition in the rows where
 ``cond_drop`` is True; the trainer drops conditions at random, the sampler mixes conditional and null logits.
+A GPT whose null prefix was never trained (CLIP-GEN's, or one trained with ``--cond-drop 0``) says so in its
+config (``null_cond_trained``), and sampling it with ``cfg_scale != 1`` raises GuidanceError.
 """
 from __future__ import annotations
 
@@ -23,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.checkpoint import CheckpointError
 from models.dropout import Dropout, attention
+
+ORIGINS = ("project", "clipgen")  # who trained the weights: train_gpt.py, or CLIP-GEN (models/convert_gpt.py)
+
+
+class GuidanceError(CheckpointError):
+    """Guidance (cfg_scale != 1) asked of a GPT whose null condition was never trained; one line."""
 
 
 @dataclass(frozen=True)
@@ -39,12 +48,29 @@ class GPTConfig:
     # Positions of the learned position embedding. None: n_prefix + n_tokens - 1, all a full sequence
     # needs (the last token is never fed). CLIP-GEN files may store more (its small fixture: 17 for 16).
     block_size: int | None = None
+    # Provenance, not architecture. Whether null_prefix was trained (condition dropout > 0): guidance with
+    # an untrained, random null prefix is silently wrong, so sample() refuses cfg_scale != 1 when False.
+    # Configs written before the field existed load as True unless their run recorded cond_drop 0
+    # (models.convert_gpt.project_config).
+    null_cond_trained: bool = True
+    origin: str = "project"         # one of ORIGINS; "clipgen" makes demo.py use CLIP-GEN's sampling settings
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.block_size is not None and self.block_size < self.min_positions:
             raise ValueError(f"block_size {self.block_size} < n_prefix + n_tokens - 1 = {self.min_positions}")
+        if self.origin not in ORIGINS:
+            raise ValueError(f"origin {self.origin!r} is not one of {', '.join(ORIGINS)}")
+
+    def check_guidance(self, cfg_scale: float) -> None:
+        """Raise GuidanceError (one line) if cfg_scale asks for guidance this model cannot give."""
+        if cfg_scale != 1.0 and not self.null_cond_trained:
+            why = "CLIP-GEN trains none" if self.origin == "clipgen" else "it was trained with --cond-drop 0"
+            raise GuidanceError(f"classifier-free guidance (cfg scale {cfg_scale:g}) needs a trained null "
+                                f"condition and this GPT has none ({why}), so its null prefix is random; "
+                                f"sample with cfg scale 1 (demo.py/evaluate.py --cfg-scale 1, train_gpt.py --sample-cfg 1), "
+                                f"or fine-tune it with --cond-drop > 0")
 
     @property
     def min_positions(self) -> int:
@@ -55,7 +81,7 @@ class GPTConfig:
         return self.block_size if self.block_size is not None else self.min_positions
 
     def to_dict(self) -> dict:
-        return asdict(self)  # ints, floats and None only: safe under torch.load(weights_only=True)
+        return asdict(self)  # ints, floats, bools, strs and None only: safe under torch.load(weights_only=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -249,7 +275,9 @@ class GPT(nn.Module):
         Per step: the last position's logits; guidance null + cfg_scale * (cond - null) from one batched
         forward of 2B rows (skipped when cfg_scale == 1); / temperature; top-k; top-p nucleus; multinomial
         with `generator`. `first_tokens` (B, k) are kept as given and continued. Runs in eval mode.
+        GuidanceError when cfg_scale != 1 and the null condition was never trained (cfg.null_cond_trained).
         """
+        self.cfg.check_guidance(cfg_scale)
         if temperature <= 0:
             raise ValueError("temperature must be > 0 (use top_k=1 for greedy decoding)")
         n_tokens = n_tokens or self.cfg.n_tokens
@@ -331,4 +359,5 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-__all__ = ["GPTConfig", "PRESETS", "build_gpt", "GPT", "KVCache", "draw", "filter_logits"]
+__all__ = ["GPTConfig", "GuidanceError", "ORIGINS", "PRESETS", "build_gpt", "GPT", "KVCache", "draw",
+           "filter_logits"]

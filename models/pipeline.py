@@ -9,7 +9,11 @@
     pipe.variations("picture.png", keep=4)                # condition on a picture's CLIP image embedding
     pipe.interpolate("a red circle", "a blue square", steps=8)   # one image per step, same seed each
 
-evaluate.py and demo.py both sample through this class.
+evaluate.py and demo.py both sample through this class. Guidance (cfg_scale != 1) on a GPT whose null
+condition was never trained (one imported from CLIP-GEN) raises GuidanceError, a CheckpointError.
+SAMPLING_PRESETS names sampling settings; default_sampling(gpt.cfg) is the one a GPT calls for:
+
+    pipe(prompt, **SAMPLING_PRESETS[default_sampling(pipe.gpt.cfg)], keep=4)
 """
 from __future__ import annotations
 
@@ -29,8 +33,21 @@ from engine.checkpoint import CheckpointError
 from models.clip import CLIP, load_clip
 from models.convert import load_vqgan
 from models.convert_gpt import load_gpt
-from models.gpt import GPT
+from models.gpt import GPT, GPTConfig
 from models.vqgan import VQGAN
+
+# Named sampling settings (demo.py --sampling), as keyword arguments of TextToImage.__call__/generate.
+SAMPLING_PRESETS: dict[str, dict] = {
+    # The Shapes models (a 32-code to 1024-code vocabulary): the full distribution, 16 candidates.
+    "shapes": {"n_candidates": 16, "top_k": None, "top_p": None, "temperature": 1.0},
+    # CLIP-GEN's own settings for its COCO GPT (16384 codes): top-k 500, then a 0.95 nucleus, 64 candidates.
+    "clipgen": {"n_candidates": 64, "top_k": 500, "top_p": 0.95, "temperature": 1.0},
+}
+
+
+def default_sampling(cfg: GPTConfig) -> str:
+    """The SAMPLING_PRESETS name a GPT is sampled with unless told otherwise: its origin's."""
+    return "clipgen" if cfg.origin == "clipgen" else "shapes"
 
 
 @dataclass
@@ -104,7 +121,9 @@ class TextToImage:
                      progress: Callable[[float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One image per row of conds (B, D) -> (images (B, 3, H, W) in [-1, 1], tokens (B, h, w)); rows are
         sampled batch_size at a time from one seeded generator. `progress(rows_done)` is called as tokens
-        are drawn (fractions of rows: a row is done when all its tokens are)."""
+        are drawn (fractions of rows: a row is done when all its tokens are). GuidanceError (before any
+        work) when cfg_scale != 1 and the GPT's null condition was never trained."""
+        self.gpt.cfg.check_guidance(cfg_scale)
         g = torch.Generator(device=self.device).manual_seed(seed)
         side = self.vqgan.cfg.grid_size
         conds = conds.float().to(self.device)

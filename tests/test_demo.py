@@ -12,8 +12,8 @@ import demo
 from engine.checkpoint import CheckpointError
 from engine.cli import run
 from models.pipeline import TextToImage, blend, image_grid, load_picture
-from tests.conftest import REPO
-from tests.tiny import TINY_VQGAN, tiny_gpt, write_tiny
+from tests.conftest import COMPAT_DIR, REPO
+from tests.tiny import TINY_VQGAN, tiny_gpt, write_clipgen_mates, write_tiny
 from tests.test_train_vqgan import _env
 
 SIZE = TINY_VQGAN.resolution  # 64
@@ -98,6 +98,8 @@ def test_cli_writes_grid_and_images_and_prints_sorted_scores(first):
     values = [s for s, _ in printed]
     assert values == sorted(values, reverse=True) and all(-1 <= s <= 1 for s in values)
     assert f"grid: {out}" in r.stdout
+    assert r.stdout.splitlines()[0] == ("sampling: shapes preset (for the project's GPTs): 6 candidates "
+                                        "(--cand-size), top-k none, top-p none, temperature 1")
     assert re.search(r"^6 candidates -> 3 kept in [\d.]+ s \(imports [\d.]+ s, loading [\d.]+ s, sampling", r.stdout,
                      re.M)
     assert r.stderr == ""  # no bar when stderr is not a terminal, no warning
@@ -182,6 +184,66 @@ def test_interpolation_strip(ck, tmp_path, capsys):
     assert f"strip: {out}" in stdout and "5 steps in" in stdout
 
 
+# ------------------------------------------------------------------------ a GPT imported from CLIP-GEN
+
+@pytest.fixture(scope="module")
+def clipgen(tmp_path_factory) -> list[str]:
+    """Model flags: the CLIP-GEN GPT fixture, a tiny VQGAN and CLIP that fit it (64 codes, 4x4, 32-d)."""
+    root = write_clipgen_mates(tmp_path_factory.mktemp("clipgen"))
+    return ["--vqgan", str(root / "vqgan.pt"), "--gpt", str(COMPAT_DIR / "clipgen_gpt_small.pt"), "--clip",
+            str(root / "clip.pt")]
+
+
+def test_clipgen_gpt_is_sampled_with_the_clipgen_preset_and_given_flags_win(clipgen, tmp_path, capsys,
+                                                                            monkeypatch):
+    seen = []  # (rows, top_k, top_p, temperature) of each batch the pipeline samples
+    sample_conds = TextToImage.sample_conds
+
+    def spy(self, conds, **kw):
+        seen.append((len(conds), kw["top_k"], kw["top_p"], kw["temperature"]))
+        return sample_conds(self, conds, **kw)
+
+    monkeypatch.setattr(TextToImage, "sample_conds", spy)
+    runs = {  # extra flags: (the line that says what sampling uses, what the sampler got)
+        (): ("sampling: clipgen preset (for a GPT imported from CLIP-GEN): 64 candidates, top-k 500, top-p 0.95, "
+             "temperature 1", (64, 500, 0.95, 1.0)),
+        ("--cand-size", "5", "--top-k", "7", "--temperature", "0.5"):
+            ("sampling: clipgen preset (for a GPT imported from CLIP-GEN): 5 candidates (--cand-size), top-k 7 "
+             "(--top-k), top-p 0.95, temperature 0.5 (--temperature)", (5, 7, 0.95, 0.5)),
+        ("--sampling", "shapes"): ("sampling: shapes preset (--sampling): 16 candidates, top-k none, top-p none, "
+                                   "temperature 1", (16, None, None, 1.0)),
+    }
+    for flags, (line, got) in runs.items():
+        seen.clear()
+        code, out, err = in_process(capsys, "--text", PROMPT, *clipgen, *flags, "--out", tmp_path / "c.png")
+        assert code == 0, err
+        assert out.splitlines()[0] == line and seen == [got], (out, seen)
+        assert f"{got[0]} candidates -> 4 kept in" in out and png(tmp_path / "c.png") == (4 * 34 + 2, 36)
+
+
+def test_guidance_is_refused_on_a_gpt_without_a_trained_null_condition(clipgen, ck, tmp_path, capsys):
+    """One error line, exit 2, nothing written, before the VQGAN is read (a broken one is not reached); a
+    project GPT trained with condition dropout still guides."""
+    r = cli("--text", PROMPT, *clipgen[2:4], "--vqgan", str(ck / "garbage.safetensors"), "--clip",
+            str(ck / "clip.pt"), "--cfg-scale", "2", "--out", str(tmp_path / "x.png"))
+    line = _one_error_line(r.returncode, r.stderr)
+    assert "cfg scale 2" in line and "CLIP-GEN trains none" in line and "--cfg-scale 1" in line, line
+    gpt = _gpt()
+    torch.save({"kind": "gpt", "config": gpt.cfg.to_dict(), "model": gpt.state_dict(),
+                "conditioning": {"cond_drop": 0.1}}, tmp_path / "dropped.pt")
+    cfg = {k: v for k, v in gpt.cfg.to_dict().items() if k != "null_cond_trained"}  # as old checkpoints
+    torch.save({"kind": "gpt", "config": cfg, "model": gpt.state_dict(), "conditioning": {"cond_drop": 0.0}},
+               tmp_path / "never.pt")
+    models = ["--vqgan", ck / "vqgan.pt", "--clip", ck / "clip.pt"]
+    code, _, err = in_process(capsys, "--text", PROMPT, *models, "--gpt", tmp_path / "never.pt", "--cfg-scale",
+                              "3", "--out", tmp_path / "x.png")
+    assert "trained with --cond-drop 0" in _one_error_line(code, err)
+    assert not list(tmp_path.glob("x*.png"))
+    code, out, err = in_process(capsys, "--text", PROMPT, *models, "--gpt", tmp_path / "dropped.pt", "--cfg-scale",
+                                "3", "--cand-size", "2", "--out-k", "2", "--out", tmp_path / "x.png")
+    assert code == 0 and len(scores(out)) == 2, err
+
+
 # ------------------------------------------------------------------------------------- user mistakes
 
 def _one_error_line(code: int, err: str) -> str:
@@ -227,6 +289,8 @@ MISTAKES = {
     "blank prompts file": (lambda t, ck: ["--prompts", _blank_prompts(t)], ["holds no prompt"]),
     "one-step strip": (lambda t, ck: ["--interpolate", "a", "b", "--steps", "1"], ["--steps must be at least 2"]),
     "out-k above cand-size": (lambda t, ck: ["--text", PROMPT, "--cand-size", "2", "--out-k", "3"], ["--out-k 3"]),
+    "out-k above the preset's candidates": (lambda t, ck: ["--text", PROMPT, "--out-k", "17"],
+                                            ["--out-k 17", "16 candidates of the shapes sampling preset"]),
     "bad top-p": (lambda t, ck: ["--text", PROMPT, "--top-p", "0"], ["--top-p"]),
     "unknown device": (lambda t, ck: ["--text", PROMPT, "--device", "nonsense"], ["--device nonsense is not a device"]),
     "absent GPU": (lambda t, ck: ["--text", PROMPT, "--device", "cuda:99"], ["--device cuda:99"]),
@@ -272,7 +336,7 @@ def test_missing_shipped_checkpoints_say_how_to_get_them(ck, tmp_path, capsys, m
 
 def test_demo_on_shipped_checkpoints_draws_what_the_prompt_says(tmp_path):
     """`make demo`'s run: no model flags, so pretrained/shapes/; every kept image is judged from its pixels."""
-    from datasets.shapes_judge import judge
+    from evaluation.judge import judge
 
     out = tmp_path / "sample.png"
     r = cli("--text", "a large red circle in the top left", "--out", str(out), timeout=300)

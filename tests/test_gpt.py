@@ -9,11 +9,8 @@ import torch.nn.functional as F
 
 from engine.checkpoint import CheckpointError
 from models.convert_gpt import clipgen_gpt_config, convert_clipgen_gpt, load_gpt, load_state
-from models.gpt import GPT, PRESETS, GPTConfig, build_gpt, draw, filter_logits
+from models.gpt import GPT, PRESETS, GPTConfig, GuidanceError, build_gpt, draw, filter_logits
 from tests.conftest import COMPAT_DIR
-
-needs_fixtures = pytest.mark.skipif(COMPAT_DIR is None,
-                                    reason="compat fixtures not found (set COMPAT_FIXTURES)")
 
 V, N, D = 32, 12, 16  # vocab, tokens per image, cond width of the tiny test models
 
@@ -50,6 +47,10 @@ def gen(seed=0):
 def test_config_round_trip_and_presets():
     cfg = replace(PRESETS["tiny"], vocab_size=7, n_tokens=4, block_size=9)
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    cfg = replace(cfg, null_cond_trained=False, origin="clipgen")
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg and cfg != replace(cfg, null_cond_trained=True)
+    with pytest.raises(ValueError, match="origin"):
+        replace(cfg, origin="elsewhere")
     assert (PRESETS["gpt2-medium"].n_layer, PRESETS["gpt2-medium"].n_embd, PRESETS["gpt2-medium"].n_head) == \
         (24, 1024, 16)
     m = build_gpt("tiny", vocab_size=V, n_tokens=N, cond_dim=D, n_layer=1)
@@ -237,7 +238,6 @@ def test_param_groups():
 
 # ------------------------------------------------------------------------------------------- CLIP-GEN
 
-@needs_fixtures
 def test_clipgen_fixture_logits_and_greedy_tokens():
     exp = torch.load(COMPAT_DIR / "clipgen_gpt_small.expected.pt", weights_only=True)
     m = load_gpt(COMPAT_DIR / "clipgen_gpt_small.pt")
@@ -252,7 +252,19 @@ def test_clipgen_fixture_logits_and_greedy_tokens():
     torch.testing.assert_close(greedy, exp["greedy_tokens"], rtol=0, atol=0)
 
 
-@needs_fixtures
+def test_clipgen_gpt_refuses_guidance_and_samples_without():
+    """CLIP-GEN never trained a null condition: the imported config says so, and guidance is refused in one
+    line instead of silently mixing in the random null prefix; unguided sampling works."""
+    exp = torch.load(COMPAT_DIR / "clipgen_gpt_small.expected.pt", weights_only=True)
+    m = load_gpt(COMPAT_DIR / "clipgen_gpt_small.pt")
+    assert (m.cfg.null_cond_trained, m.cfg.origin) == (False, "clipgen")
+    with pytest.raises(GuidanceError) as e:
+        m.sample(exp["embed"], cfg_scale=2.0, generator=gen(0))
+    msg = str(e.value)
+    assert isinstance(e.value, CheckpointError) and "\n" not in msg and "CLIP-GEN trains none" in msg, msg
+    assert m.sample(exp["embed"], cfg_scale=1.0, generator=gen(0)).shape == (2, 16)
+
+
 def test_clipgen_full_size_manifest_loads_strictly():
     man = json.loads((COMPAT_DIR / "full_size_key_manifests.json").read_text())["clipgen_gpt_coco"]
     sd = {k: torch.empty(s, device="meta", dtype=torch.bool if k.endswith(".mask") else torch.float32)
@@ -291,6 +303,38 @@ def test_own_checkpoint_round_trip_prefers_ema(tmp_path):
     torch.testing.assert_close(load_gpt(tmp_path / "g.pt", use_ema=False).head.bias, m.head.bias)
 
 
+@pytest.mark.parametrize("conditioning,trained", [(None, True), ({"cond_drop": 0.1}, True),
+                                                   ({"cond_drop": 0.0}, False)])
+def test_configs_without_null_cond_trained_take_it_from_cond_drop(tmp_path, conditioning, trained):
+    """Checkpoints written before the field existed still load: the run's recorded condition dropout (in
+    the .pt, and in export.py's weights file) says whether the null prefix was trained; nothing recorded
+    means trained. A trained one guides; an untrained one refuses guidance but samples without."""
+    from export import export
+
+    m = sharp()
+    old = {k: v for k, v in m.cfg.to_dict().items() if k not in ("null_cond_trained", "origin")}
+    extra = {"conditioning": {"cond": "image", **conditioning}} if conditioning else {}
+    torch.save({"kind": "gpt", "config": old, "model": m.state_dict(), **extra}, tmp_path / "old.pt")
+    export(tmp_path / "old.pt", tmp_path / "old.safetensors", dtype=torch.float32)
+    _, cond = data()
+    for name in ("old.pt", "old.safetensors"):
+        g = load_gpt(tmp_path / name)
+        assert (g.cfg.null_cond_trained, g.cfg.origin) == (trained, "project"), name
+        if trained:
+            guided = g.sample(cond, cfg_scale=3.0, generator=gen(4))
+            torch.testing.assert_close(guided, _reference_sample(g, cond, 4, cfg_scale=3.0), rtol=0, atol=0)
+            assert not torch.equal(guided, g.sample(cond, generator=gen(4)))
+        else:
+            with pytest.raises(GuidanceError, match="trained with --cond-drop 0"):
+                g.sample(cond, cfg_scale=3.0)
+            torch.testing.assert_close(g.sample(cond, generator=gen(4)), _reference_sample(g, cond, 4))
+    # A config that has the field keeps it, whatever the recorded dropout.
+    new = {**m.cfg.to_dict(), "null_cond_trained": False}
+    torch.save({"kind": "gpt", "config": new, "model": m.state_dict(), "conditioning": {"cond_drop": 0.1}},
+               tmp_path / "new.pt")
+    assert load_gpt(tmp_path / "new.pt").cfg.null_cond_trained is False
+
+
 def _one_line_error(path, match):
     with pytest.raises(CheckpointError) as e:
         load_gpt(path)
@@ -318,6 +362,5 @@ def test_load_gpt_errors(tmp_path):
     _one_line_error(tmp_path / "partial.pt", "do not fit")
 
 
-@needs_fixtures
 def test_clipgen_vqgan_is_refused_as_gpt():
     _one_line_error(COMPAT_DIR / "clipgen_vqgan_small.pt", "not a GPT checkpoint we know")

@@ -1,4 +1,5 @@
 """The tiny random VQGAN, CLIP and GPT checkpoints several test modules build (one definition)."""
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,4 +34,19 @@ def write_tiny(root: Path, gpt: bool = True) -> Path:
     if gpt:
         model = tiny_gpt()
         torch.save({"kind": "gpt", "config": model.cfg.to_dict(), "model": model.state_dict()}, root / "gpt.pt")
+    return root
+
+
+# The CLIP-GEN GPT fixture (compat/clipgen_gpt_small.pt) writes 16 tokens (a 4x4 grid) of 64 codes from 32-d
+# conditions: TINY_VQGAN at 32 px with 64 codes decodes them, TINY_CLIP gives the conditions.
+CLIPGEN_MATE_VQGAN = replace(TINY_VQGAN, resolution=32, n_codes=64)
+
+
+def write_clipgen_mates(root: Path) -> Path:
+    """root/vqgan.pt and root/clip.pt (random, seed 0) that fit the CLIP-GEN GPT fixture."""
+    torch.manual_seed(0)
+    torch.save({"kind": "vqgan", "config": CLIPGEN_MATE_VQGAN.to_dict(),
+                "model": VQGAN(CLIPGEN_MATE_VQGAN).state_dict()}, root / "vqgan.pt")
+    torch.save({"kind": "clip", "open_clip_config": TINY_CLIP, "model": build_open_clip(TINY_CLIP).state_dict()},
+               root / "clip.pt")
     return root
