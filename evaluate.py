@@ -1,10 +1,11 @@
 """Prompt fidelity on the Shapes world: do text prompts give images with the attributes they name?
+And on real captioned images (--dataset folder / coco): CLIP score against the captions, and FID.
 
     python evaluate.py --vqgan V --gpt G --clip C --prompts 200 --samples 16
 
 For each of --prompts prompts (attribute combinations drawn from the test seed, written with varied
 templates; --named says which attributes they name), samples --samples images through the same pipeline
-demo.py uses and judges each image from its pixels (datasets/shapes_judge.py). Reports:
+demo.py uses and judges each image from its pixels (evaluation/judge.py). Reports:
 
 - prompt fidelity: the share of raw samples whose named attributes are all right (and per attribute), and
   the same after CLIP re-ranking (the best of each prompt's samples);
@@ -17,6 +18,10 @@ demo.py uses and judges each image from its pixels (datasets/shapes_judge.py). R
 --cond-source image conditions on the CLIP image embedding of a render of each prompt's attributes instead
 of the text (the GPT's fidelity without the text-image gap: a diagnostic). Markdown on stdout, JSON with
 --json.
+
+--dataset folder (images with sidecar .txt captions) or coco (--coco-annotations) evaluates on real images
+instead: see evaluation/real.py. --fid reads torch-fidelity's Inception weights from --inception-weights
+or torch's hub cache and never downloads them (evaluation/fid.py).
 """
 from __future__ import annotations
 
@@ -29,8 +34,10 @@ import numpy as np
 import torch
 
 from datasets import shapes
-from datasets.shapes_judge import judge
 from engine.cli import UsageError, run
+from evaluation import real as real_data
+from evaluation.fid import fid, frechet_distance, inception_weights, torch_fidelity
+from evaluation.judge import judge
 from models.pipeline import TextToImage
 
 NAMED = {"all": ("color", "shape", "size", "position"), "color+shape": ("color", "shape"),
@@ -45,11 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vqgan", required=True)
     p.add_argument("--gpt", required=True)
     p.add_argument("--clip", required=True)
-    p.add_argument("--prompts", type=int, default=200, help="number of prompts")
+    p.add_argument("--prompts", type=int, default=200,
+                   help="number of prompts (real data: of captioned images, spread evenly over the dataset)")
     p.add_argument("--samples", type=int, default=16, help="samples per prompt (the re-ranking candidates)")
-    p.add_argument("--named", choices=sorted(NAMED), default="all", help="attributes each prompt names")
+    p.add_argument("--named", choices=sorted(NAMED), default=None,
+                   help="Shapes: attributes each prompt names (default all)")
     p.add_argument("--cond-source", choices=["text", "image"], default="text",
-                   help="text: the prompt's CLIP text embedding; image: a render's CLIP image embedding")
+                   help="text: the prompt's CLIP text embedding; image: the CLIP image embedding of a render of "
+                        "its attributes (Shapes) or of the captioned image itself (real data)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -60,13 +70,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--no-ema", action="store_true", help="use the GPT's raw weights, not its EMA (short runs)")
     p.add_argument("--fd-real", type=int, default=None,
-                   help="held-out real renders for the Fréchet distance (default: as many as samples; 0 = skip)")
-    p.add_argument("--fid", action="store_true", help="also Inception FID through torch-fidelity")
+                   help="Shapes: held-out real renders for the Fréchet distance (default: as many as samples; "
+                        "0 = skip)")
+    p.add_argument("--fid", action="store_true",
+                   help="also Inception FID through torch-fidelity (its weights must be on disk: "
+                        "--inception-weights)")
+    p.add_argument("--inception-weights", default=None,
+                   help="torch-fidelity's Inception weights file for --fid (default: torch's hub cache, "
+                        "<TORCH_HOME>/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth); never downloaded")
+    p.add_argument("--dataset", choices=["shapes", *real_data.REAL_DATASETS], default="shapes",
+                   help="shapes: prompts from the attribute vocabulary, judged from pixels; folder / coco: real "
+                        "captioned images (--prompts of them), CLIP score against the captions and --fid")
+    p.add_argument("--data-path", help="folder: image root, each image's caption in a .txt beside it (a.jpg, "
+                                       "a.txt); coco: the image folder")
+    p.add_argument("--coco-annotations", help="coco: the captions_*.json of the --data-path images")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     for name in ("prompts", "samples", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.dataset == "shapes":
+        args.named = args.named or "all"
+        for flag in ("data_path", "coco_annotations"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} is for --dataset folder or coco")
+    else:
+        for flag in ("named", "fd_real"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} is for the Shapes world (--dataset shapes)")
     return args
 
 
@@ -88,18 +119,6 @@ def right(spec, judged, named) -> dict[str, bool]:
     return res
 
 
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + tr(Ca + Cb - 2 (Ca Cb)^1/2) between two sets of feature rows, in float64.
-    tr((Ca Cb)^1/2) is the sum of the square roots of the eigenvalues of Ca^1/2 Cb Ca^1/2 (symmetric PSD)."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ca, cb = torch.cov(a.T), torch.cov(b.T)
-    w, v = torch.linalg.eigh(ca)
-    sqrt_ca = (v * w.clamp(min=0).sqrt()) @ v.T
-    mid = torch.linalg.eigvalsh(sqrt_ca @ cb @ sqrt_ca).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).square().sum() + ca.trace() + cb.trace() - 2 * mid)
-
-
 def diversity(judged: list, attr: str) -> tuple[int, float]:
     """(distinct values, normalised entropy) of one attribute over the judged samples that show an object."""
     if attr == "position":
@@ -118,42 +137,51 @@ def _render_batch(specs) -> torch.Tensor:
                         for s in specs]) / 127.5 - 1
 
 
-def _torch_fidelity():
-    try:
-        import torch_fidelity
-    except ImportError:
-        raise UsageError("--fid needs torch-fidelity (pip install torch-fidelity) and its Inception weights") \
-            from None
-    return torch_fidelity
+def check_guidance(gpt, cfg_scale: float) -> None:
+    """One line, before any sampling, when --cfg-scale asks for guidance from a GPT whose null condition was
+    never trained (a CLIP-GEN import): its null prefix is random, so guided samples would be silently wrong."""
+    if cfg_scale != 1.0 and not getattr(gpt.cfg, "null_cond_trained", True):
+        check = getattr(gpt.cfg, "check_guidance", None)
+        if check is not None:
+            check(cfg_scale)  # models.gpt.GuidanceError, with the model's own reason
+        raise UsageError(f"--cfg-scale {cfg_scale:g} needs a GPT trained with condition dropout; this one's null "
+                         f"condition was never trained: use --cfg-scale 1")
 
 
-def inception_fid(fake: torch.Tensor, real: torch.Tensor) -> float:
-    """FID between two image sets in [-1, 1] through torch-fidelity (Inception weights must be available)."""
-    torch_fidelity = _torch_fidelity()
-
-    class _Images(torch.utils.data.Dataset):
-        def __init__(self, x):
-            self.x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
-
-    try:
-        m = torch_fidelity.calculate_metrics(input1=_Images(fake), input2=_Images(real), fid=True, verbose=False)
-    except Exception as e:  # no weights and no internet, most often
-        raise UsageError(f"--fid: torch-fidelity failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
-            from None
-    return float(m["frechet_inception_distance"])
-
-
-def main(args) -> None:
-    if args.fid:
-        _torch_fidelity()  # before any sampling: a missing package is a one-line error, not a lost run
+def main(args, fid_features=None) -> None:
+    """fid_features: a feature network (module, images in [-1, 1] -> (B, F)) to compute --fid with instead of
+    torch-fidelity's Inception (tests, or another feature space)."""
+    weights = None
+    if args.fid:  # before any sampling: a missing package or weights file is a one-line error, not a lost run
+        torch_fidelity()
+        if fid_features is None:
+            weights = inception_weights(args.inception_weights)
+    data = None
+    if args.dataset != "shapes":  # a wrong --data-path fails before the models load
+        data = real_data.load_captioned(args.dataset, args.data_path, args.coco_annotations)
     pipe = TextToImage.from_paths(args.vqgan, args.gpt, args.clip, device=args.device, precision=args.precision,
                                   use_ema=not args.no_ema)
+    check_guidance(pipe.gpt, args.cfg_scale)
+    if data is None:
+        result = evaluate_shapes(pipe, args, weights, fid_features)
+        text = markdown(result)
+    else:
+        result = real_data.evaluate_real(
+            pipe, real_data.spread_subset(data, args.prompts, pipe.vqgan.cfg.resolution), samples=args.samples,
+            cond_source=args.cond_source, cfg_scale=args.cfg_scale, top_k=args.top_k, top_p=args.top_p,
+            temperature=args.temperature, seed=args.seed, batch_size=args.batch_size, fid_weights=weights,
+            fid_features=fid_features, do_fid=args.fid)
+        result.update(dataset=args.dataset, data_path=args.data_path, ema=not args.no_ema, gpt=args.gpt,
+                      vqgan=args.vqgan, clip=args.clip)
+        text = real_data.markdown(result)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def evaluate_shapes(pipe: TextToImage, args, weights: str | None = None, fid_features=None) -> dict:
+    """The Shapes-world numbers of the module docstring, as the dict --json writes."""
     named = NAMED[args.named]
     unnamed = [a for a in shapes.ATTRIBUTES if a not in named]
     specs = prompt_specs(args.prompts, named, args.seed)
@@ -212,11 +240,9 @@ def main(args) -> None:
         result["clip_fd"] = frechet_distance(torch.cat(fake_feats), real_feats)
         result["clip_fd_real_images"] = n_real
         if args.fid:
-            result["fid"] = inception_fid(torch.cat(fake_images), real)
-    print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            result["fid"] = fid(torch.cat(fake_images), real, weights=weights, features=fid_features,
+                                device=pipe.device)
+    return result
 
 
 def _real_images(n: int) -> torch.Tensor:
