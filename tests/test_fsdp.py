@@ -46,6 +46,4 @@ def test_fsdp_trains_as_one_process_and_checkpoints_interchange(frozen, tmp_path
     run(frozen, [*EQUAL, "--strategy", "fsdp", "--resume", str(tmp_path / "one" / step2),
                  "--out-dir", str(tmp_path / "to_fsdp")], procs=2)
     for resumed in ("to_plain", "to_fsdp"):
-        assert_same_model(one, tmp_path / resumed / "latest.pt")
-        ema_a, ema_b = a["ema"], load_state(tmp_path / resumed / "latest.pt")["ema"]
-        assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) < 1e-3
+        assert_same_model(one, tmp_path / resumed / "latest.pt")  # the weights and the EMA, tensor by tensor
