@@ -4,8 +4,10 @@
     torchrun --nproc_per_node 2 train_clip.py --batch-size 256
 
 A small open_clip model trained contrastively (symmetric InfoNCE, learnable temperature) on the captioned
-Shapes split. Validation is zero-shot: how often CLIP names the colour, shape, size and grid cell of
-held-out images; best.pt keeps the weights whose worst attribute is best. Load the result anywhere with
+Shapes split (--dataset scenes: the scenes world's). Validation is zero-shot: how often CLIP names the
+colour, shape, size and grid cell of held-out images (scenes: the held-out scene among all the split's
+scene descriptions, per object count; evaluation/scenes_zero_shot.py); best.pt keeps the weights whose
+worst attribute (object count) is best. Load the result anywhere with
 models.clip.load_clip("runs/clip-shapes/best.pt").
 """
 from __future__ import annotations
@@ -20,11 +22,12 @@ from open_clip.loss import ClipLoss
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from datasets import ShapesDataset
+from datasets import SYNTHETIC, ScenesDataset
 from engine import distributed as D
 from engine.cli import add_run_args, apply_defaults, run
 from engine.schedule import lr_at, set_lr
 from engine.trainer import Run
+from evaluation.scenes_zero_shot import SCENE_COUNTS, scene_accuracies, scene_zero_shot_counts
 from evaluation.zero_shot import PROMPT_STYLES, ZERO_SHOT_ATTRIBUTES, accuracies, zero_shot_counts
 from models.clip import CLIP, DEFAULT_PREPROCESS, build_open_clip, to_clip_pixels, tokenize, tokenizer_for
 
@@ -71,8 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="shapes", help="model size and defaults")
     p.add_argument("--out-dir", default=None, help="checkpoints and logs (default runs/clip-PRESET)")
-    g = p.add_argument_group("data (the Shapes world's captioned splits)")
-    g.add_argument("--shapes-train-size", type=int, default=50_000, help="items per training epoch")
+    g = p.add_argument_group("data (a synthetic world's captioned splits)")
+    g.add_argument("--dataset", choices=sorted(SYNTHETIC), default="shapes",
+                   help="shapes (one object) or scenes (1-4 objects: counts, colour binding, relations)")
+    g.add_argument("--shapes-train-size", type=int, default=50_000, help="items per training epoch (either world)")
     g.add_argument("--shapes-val-size", type=int, default=1_000, help="held-out items for zero-shot accuracy")
     g.add_argument("--zero-shot-prompts", choices=PROMPT_STYLES, default="ensemble",
                    help="prompts whose accuracies pick best.pt (both are logged); see evaluation.zero_shot.attribute_prompts")
@@ -116,7 +121,12 @@ def validate(model: torch.nn.Module, config: dict, preprocess: dict, val_ds, env
     share (items r, r + W, ...) and the counts are summed. The model is scored through a frozen copy in
     the same wrapper every later stage uses."""
     clip = CLIP(copy.deepcopy(model), tokenizer_for(config), preprocess["mean"], preprocess["std"])
-    counts = zero_shot_counts(clip, val_ds, range(env.rank, len(val_ds), env.world_size))
+    share = range(env.rank, len(val_ds), env.world_size)
+    if isinstance(val_ds, ScenesDataset):  # name each held-out scene among the split's scenes
+        acc = scene_accuracies(D.all_reduce_sum(scene_zero_shot_counts(clip, val_ds, share).to(env.device)).cpu())
+        return {**{f"val/scenes/{k}": v for k, v in acc.items()},
+                "val/scenes/min": min(acc[k] for k in SCENE_COUNTS)}
+    counts = zero_shot_counts(clip, val_ds, share)
     metrics = {}
     for style, c in counts.items():
         acc = accuracies(D.all_reduce_sum(c.to(env.device)).cpu())
@@ -141,8 +151,13 @@ def main(args) -> None:
     # Every rank's features join one (global batch x global batch) logit matrix; gathering with gradients
     # makes N processes compute the gradient one process would on the whole batch.
     loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, rank=env.rank, world_size=env.world_size)
-    train_loader = run.train_loader(ShapesDataset("captioned-train", args.shapes_train_size))
-    val_ds = ShapesDataset("captioned-val", args.shapes_val_size)
+    world = SYNTHETIC[args.dataset]
+    train_loader = run.train_loader(world("captioned-train", args.shapes_train_size))
+    val_ds = world("captioned-val", args.shapes_val_size)
+    # What picks best.pt and what is printed: per prompt style the Shapes attributes, or per object count.
+    report = ({"scenes": [*SCENE_COUNTS, "all"]} if args.dataset == "scenes" else
+              {style: ZERO_SHOT_ATTRIBUTES for style in PROMPT_STYLES})
+    best_key = "val/scenes/min" if args.dataset == "scenes" else f"val/{args.zero_shot_prompts}/min"
     tokenizer = tokenizer_for(config)
     image_size = raw.visual.image_size
     image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -185,16 +200,16 @@ def main(args) -> None:
         if run.due(args.val_every):
             metrics = validate(ema.model if ema is not None else raw, config, preprocess, val_ds, env)
             run.log.scalars(metrics, run.step)
-            for style in PROMPT_STYLES:
-                run.log.print(f"val {style}: " + " ".join(f"{a} {metrics[f'val/{style}/{a}']:.3f}"
-                                                         for a in ZERO_SHOT_ATTRIBUTES))
-            is_best = run.improved(metrics[f"val/{args.zero_shot_prompts}/min"])
+            for style, keys in report.items():
+                run.log.print(f"val {style}: " + " ".join(f"{a} {metrics[f'val/{style}/{a}']:.3f}" for a in keys))
+            is_best = run.improved(metrics[best_key])
         run.checkpoint(is_best, lambda: {"open_clip_config": config, "preprocess": preprocess, "model": raw.state_dict(),
                                          "optimizer": opt.state_dict(), "metrics": metrics})
 
-    style = args.zero_shot_prompts
-    run.finish(metrics and f"zero-shot ({style} prompts) " + ", ".join(
-        f"{a} {metrics[f'val/{style}/{a}']:.1%}" for a in ZERO_SHOT_ATTRIBUTES) + f", best min {run.best:.1%}")
+    style = "scenes" if args.dataset == "scenes" else args.zero_shot_prompts
+    what = "scenes named, by object count:" if style == "scenes" else f"({style} prompts)"
+    run.finish(metrics and f"zero-shot {what} " + ", ".join(
+        f"{a} {metrics[f'val/{style}/{a}']:.1%}" for a in report[style]) + f", best min {run.best:.1%}")
 
 
 if __name__ == "__main__":

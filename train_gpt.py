@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--sample-cfg", type=float, default=1.0, help="guidance scale for sample grids")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or f"runs/gpt-{args.preset}"
-    if args.cond == "text" and args.dataset == "shapes":
+    if args.cond == "text" and args.dataset in ("shapes", "scenes"):
         args.shapes_split = "captioned"  # captions exist only in the captioned split
     return args
 

@@ -7,8 +7,9 @@ IterableDataset: the same items with `key` and `shard` in place of `index`; see 
     image    float32 (3, R, R) in [-1, 1]
     index    int, the index actually returned (a later one if unreadable files were skipped)
     skipped  int, how many unreadable files were skipped to produce this item
-    caption  str, for captioned sources (COCO, tar shards with .txt, captioned Shapes splits)
+    caption  str, for captioned sources (COCO, tar shards with .txt, captioned Shapes and scenes splits)
     color, shape, size, row, col   int labels, Shapes world only
+    n_objects, objects   int, and (4, 4) long rows of (color, shape, row, col) padded with -1: scenes world only
 """
 
 from __future__ import annotations
@@ -22,24 +23,26 @@ import torch
 from datasets.coco import CocoCaptions
 from datasets.folder import ImageFolder
 from datasets.robust import CorruptImageWarning, DataError, RobustImageDataset
+from datasets.scenes import ScenesDataset
 from datasets.shapes import ShapesDataset
 from datasets.streaming import StreamingShards
 from datasets.tarshards import TarShards, expand_shards
 from datasets.transforms import EvalTransform, TrainTransform, unpack_key
 
 __all__ = [
-    "CocoCaptions", "CorruptImageWarning", "DataError", "EvalTransform", "ImageFolder", "ShapesDataset",
-    "StreamingShards", "TarShards", "TrainTransform", "add_data_args", "build_datasets", "has_captions",
+    "CocoCaptions", "CorruptImageWarning", "DataError", "EvalTransform", "ImageFolder", "SYNTHETIC", "ScenesDataset",
+    "ShapesDataset", "StreamingShards", "TarShards", "TrainTransform", "add_data_args", "build_datasets", "has_captions",
     "holdout_split", "unpack_key",
 ]
 
-DATASET_KINDS = ["shapes", "folder", "coco", "tar"]
+DATASET_KINDS = ["shapes", "scenes", "folder", "coco", "tar"]
+SYNTHETIC = {"shapes": ShapesDataset, "scenes": ScenesDataset}  # the worlds that need no files
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", choices=DATASET_KINDS, default="shapes",
-                       help="image source; shapes needs no files")
+                       help="image source; shapes (one object) and scenes (1-4 objects) need no files")
     group.add_argument("--data-path", help="folder: image root; coco: image folder; tar: shard directory, "
                                            "glob or brace pattern such as shards-{000000..000009}.tar")
     group.add_argument("--val-data-path", help="validation images, same kind as --data-path; if absent, "
@@ -49,11 +52,14 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coco-annotations", help="captions_*.json for the --data-path images")
     group.add_argument("--val-coco-annotations", help="captions_*.json for the validation images "
                                                       "(found in --val-data-path, else --data-path)")
-    group.add_argument("--shapes-train-size", type=int, default=50_000, help="items per Shapes training epoch")
-    group.add_argument("--shapes-val-size", type=int, default=1_000, help="Shapes validation items")
+    # One set of flags for both synthetic worlds (--dataset shapes or scenes).
+    group.add_argument("--shapes-train-size", type=int, default=50_000,
+                       help="items per training epoch of --dataset shapes or scenes")
+    group.add_argument("--shapes-val-size", type=int, default=1_000,
+                       help="validation items of --dataset shapes or scenes")
     group.add_argument("--shapes-split", choices=["unlabeled", "captioned"], default="unlabeled",
-                       help="Shapes splits: unlabeled (images only: VQGAN, GPT) or captioned (CLIP, and "
-                            "the supervised --cond text comparison)")
+                       help="splits of --dataset shapes or scenes: unlabeled (images only: VQGAN, GPT) or "
+                            "captioned (CLIP, and the supervised --cond text comparison)")
     group.add_argument("--stream", action="store_true",
                        help="--dataset tar, training only: stream the shards instead of indexing them, split by "
                             "whole shards over processes and data workers; validation reads --val-data-path, "
@@ -125,12 +131,13 @@ def build_datasets(args: argparse.Namespace, resolution: int, streaming: bool = 
                             "map-style data: drop --stream")
         _require(args, "--data-path")
         return _stream_tar(args, train_tf, eval_tf)
-    if args.dataset == "shapes":
+    if args.dataset in SYNTHETIC:
         # Unlabeled splits by default: captions never reach the VQGAN or the language-free GPT.
+        world = SYNTHETIC[args.dataset]
         split = getattr(args, "shapes_split", "unlabeled")
         captioned = split == "captioned"
-        return (ShapesDataset(f"{split}-train", args.shapes_train_size, resolution, captioned=captioned),
-                ShapesDataset(f"{split}-val", args.shapes_val_size, resolution, captioned=captioned))
+        return (world(f"{split}-train", args.shapes_train_size, resolution, captioned=captioned),
+                world(f"{split}-val", args.shapes_val_size, resolution, captioned=captioned))
     if args.dataset == "folder":
         _require(args, "--data-path")
         full = ImageFolder(args.data_path, train_tf)

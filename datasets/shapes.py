@@ -123,17 +123,28 @@ def sample_attributes(split_seed: int, index: int) -> ShapeSpec:
 
 
 def render(spec: ShapeSpec) -> Image.Image:
-    """64 x 64 RGB image of `spec`: white background, one object filled with the exact palette colour.
+    """64 x 64 RGB image of `spec`: white background, one object filled with the exact palette colour."""
+    image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
+    draw_object(image, spec.color, spec.shape, spec.box())
+    return image
+
+
+def draw_object(canvas: Image.Image, color: int, shape: int, box: tuple[float, float, float, float]) -> None:
+    """Draw one object (COLORS[color], SHAPES[shape]) filling `box` = (x0, y0, x1, y1) onto `canvas` (RGB,
+    white under the box) in place; the Shapes world and the scenes world (datasets/scenes.py) both draw
+    with it. The box must lie inside the canvas.
 
     Only the pixels under the bounding box can differ from white, so just that patch is drawn at 4x
     and pasted (about twice as fast as drawing the whole 256 x 256 canvas; the two differ by at most a
-    sub-pixel at a polygon vertex). The patch is shrunk by `Image.reduce`, the exact mean of each 4 x 4
+    sub-pixel at a polygon vertex). The pasted patch covers the box's whole-pixel hull, white where the
+    object is not: objects whose hulls overlap would erase each other (scenes keep 2 px between boxes, so
+    hulls never overlap). The patch is shrunk by `Image.reduce`, the exact mean of each 4 x 4
     block, i.e. a BOX filter: it has no negative lobes, so there is no ringing, edges blend only between
     the colour and white, and every pixel the object covers fully keeps exactly the palette RGB (which
     the fidelity metric reads). `resize(..., BOX)` would be the same filter but rounds to 8 bits between
     its horizontal and vertical passes, which puts edge pixels up to 1 level off the true mean.
     """
-    x0, y0, x1, y1 = spec.box()
+    x0, y0, x1, y1 = box
     left, top = math.floor(x0), math.floor(y0)
     right, bottom = math.ceil(x1), math.ceil(y1)
     s = SUPERSAMPLE
@@ -145,9 +156,9 @@ def render(spec: ShapeSpec) -> Image.Image:
     px0, py0 = (x0 - left) * s + 0.5, (y0 - top) * s + 0.5
     px1, py1 = (x1 - left) * s - 0.5, (y1 - top) * s - 0.5
     pcx, pcy = (px0 + px1) / 2, (py0 + py1) / 2
-    fill = COLORS[spec.color][1]
+    fill = COLORS[color][1]
     draw = ImageDraw.Draw(patch)
-    name = SHAPES[spec.shape]
+    name = SHAPES[shape]
     if name == "circle":
         draw.ellipse([px0, py0, px1, py1], fill=fill)
     elif name == "square":
@@ -156,10 +167,7 @@ def render(spec: ShapeSpec) -> Image.Image:
         draw.polygon([(pcx, py0), (px1, py1), (px0, py1)], fill=fill)
     else:  # diamond: corners at the midpoints of the box's top, right, bottom and left edges
         draw.polygon([(pcx, py0), (px1, pcy), (pcx, py1), (px0, pcy)], fill=fill)
-
-    image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
-    image.paste(patch.reduce(s), (left, top))
-    return image
+    canvas.paste(patch.reduce(s), (left, top))
 
 
 def _article(word: str) -> str:
