@@ -19,6 +19,16 @@ demo.py uses and judges each image from its pixels (evaluation/judge.py). Report
 of the text (the GPT's fidelity without the text-image gap: a diagnostic). Markdown on stdout, JSON with
 --json.
 
+--world scenes measures the scenes world (specs/shapes-scenes.md; evaluation/scenes_eval.py) instead: the
+five prompt categories (single, two objects, counting, colour attribution, position), --prompts of each,
+judged from pixels (evaluation/scenes_judge.py), raw and re-ranked, per category and their mean ("overall"),
+and the decomposition's part (a), CLIP alone: does the text embedding score a matching render above its hard
+negatives? --clip-only measures just that, from --clip alone. --cond-source image is part (b), the GPT
+alone; the text condition is (c), the whole path.
+
+    python evaluate.py --world scenes --vqgan V --gpt G --clip C --prompts 100 --samples 16
+    python evaluate.py --world scenes --clip-only --clip C
+
 --dataset folder (images with sidecar .txt captions) or coco (--coco-annotations) evaluates on real images
 instead: see evaluation/real.py. --fid reads torch-fidelity's Inception weights from --inception-weights
 or torch's hub cache and never downloads them (evaluation/fid.py).
@@ -36,6 +46,7 @@ import torch
 from datasets import shapes
 from engine.cli import UsageError, run
 from evaluation import real as real_data
+from evaluation import scenes_eval
 from evaluation.fid import fid, frechet_distance, inception_weights, torch_fidelity
 from evaluation.judge import judge
 from models.pipeline import TextToImage
@@ -49,17 +60,24 @@ REAL_OFFSET = 1_000_000  # held-out real renders: test-split indices far from th
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vqgan", required=True)
-    p.add_argument("--gpt", required=True)
+    p.add_argument("--vqgan", help="required, except with --clip-only")
+    p.add_argument("--gpt", help="required, except with --clip-only")
     p.add_argument("--clip", required=True)
-    p.add_argument("--prompts", type=int, default=200,
-                   help="number of prompts (real data: of captioned images, spread evenly over the dataset)")
+    p.add_argument("--world", choices=["shapes", "scenes"], default="shapes",
+                   help="shapes: one object per image (--named attributes); scenes: several objects, the five "
+                        "prompt categories of specs/shapes-scenes.md")
+    p.add_argument("--clip-only", action="store_true",
+                   help="scenes: only the decomposition's part (a), CLIP alone (needs just --clip)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="number of prompts, default 200 (scenes: per category, default 100; real data: of "
+                        "captioned images, spread evenly over the dataset)")
     p.add_argument("--samples", type=int, default=16, help="samples per prompt (the re-ranking candidates)")
     p.add_argument("--named", choices=sorted(NAMED), default=None,
                    help="Shapes: attributes each prompt names (default all)")
     p.add_argument("--cond-source", choices=["text", "image"], default="text",
                    help="text: the prompt's CLIP text embedding; image: the CLIP image embedding of a render of "
-                        "its attributes (Shapes) or of the captioned image itself (real data)")
+                        "its attributes (Shapes), of a scene that satisfies it (scenes) or of the captioned image "
+                        "itself (real data)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -86,15 +104,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--coco-annotations", help="coco: the captions_*.json of the --data-path images")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    if args.prompts is None:
+        args.prompts = 100 if args.world == "scenes" else 200
     for name in ("prompts", "samples", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.dataset == "shapes":
+    if args.world == "scenes":
+        if args.dataset != "shapes":
+            raise UsageError("--world scenes measures the scenes world; --dataset folder or coco is for real images")
+        for flag in ("named", "fd_real", "data_path", "coco_annotations"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} is not for --world scenes")
+        if args.fid:
+            raise UsageError("--fid is not for --world scenes")
+        if args.clip_only and args.cond_source != "text":
+            raise UsageError("--clip-only measures CLIP alone; --cond-source is for sampling")
+    elif args.clip_only:
+        raise UsageError("--clip-only is for --world scenes")
+    if not args.clip_only and (args.vqgan is None or args.gpt is None):
+        raise UsageError("--vqgan and --gpt are required (only --world scenes --clip-only runs without them)")
+    if args.dataset == "shapes" and args.world == "shapes":
         args.named = args.named or "all"
         for flag in ("data_path", "coco_annotations"):
             if getattr(args, flag):
                 raise UsageError(f"--{flag.replace('_', '-')} is for --dataset folder or coco")
-    else:
+    elif args.world == "shapes":
         for flag in ("named", "fd_real"):
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} is for the Shapes world (--dataset shapes)")
@@ -156,13 +190,26 @@ def main(args, fid_features=None) -> None:
         torch_fidelity()
         if fid_features is None:
             weights = inception_weights(args.inception_weights)
+    if args.clip_only:  # the decomposition's part (a): CLIP alone, no GPT
+        from engine import distributed as D
+        from models.clip import load_clip
+
+        clip = load_clip(args.clip, device=D.pick_device(args.device))
+        result = {"world": "scenes", "prompts_per_category": args.prompts, "seed": args.seed, "clip": args.clip,
+                  "clip_alone": scenes_eval.clip_alone(clip, scenes_eval.make_prompts(args.prompts, args.seed),
+                                                       args.batch_size)}
+        _report(scenes_eval.clip_alone_markdown(result["clip_alone"]), result, args.json)
+        return
     data = None
     if args.dataset != "shapes":  # a wrong --data-path fails before the models load
         data = real_data.load_captioned(args.dataset, args.data_path, args.coco_annotations)
     pipe = TextToImage.from_paths(args.vqgan, args.gpt, args.clip, device=args.device, precision=args.precision,
                                   use_ema=not args.no_ema)
     check_guidance(pipe.gpt, args.cfg_scale)
-    if data is None:
+    if args.world == "scenes":
+        result = scenes_eval.evaluate_scenes(pipe, args)
+        text = scenes_eval.markdown(result)
+    elif data is None:
         result = evaluate_shapes(pipe, args, weights, fid_features)
         text = markdown(result)
     else:
@@ -174,9 +221,13 @@ def main(args, fid_features=None) -> None:
         result.update(dataset=args.dataset, data_path=args.data_path, ema=not args.no_ema, gpt=args.gpt,
                       vqgan=args.vqgan, clip=args.clip)
         text = real_data.markdown(result)
+    _report(text, result, args.json)
+
+
+def _report(text: str, result: dict, path: str | None) -> None:
     print(text)
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
 
 
@@ -278,6 +329,10 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _cli(argv=None) -> None:
+    main(parse_args(argv))
+
+
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    run(main, parse_args())
+    run(_cli, None)  # a flag error in parse_args is one `error:` line too, not a traceback

@@ -272,3 +272,222 @@ def test_inception_fid_reads_the_weights_file_given(tiny, folder, tmp_path, monk
     res = json.loads(out.read_text())
     assert res["fid_features"] == "inception" and res["fid"] == res["fid"] and res["fid"] >= 0
     assert "FID (Inception) to 5 real images" in capsys.readouterr().out
+
+
+# --- the scenes world (--world scenes) -------------------------------------------------------------------
+
+from datasets import scenes  # noqa: E402
+from evaluation import scenes_eval  # noqa: E402
+from evaluation.scenes_judge import CATEGORIES, find_objects  # noqa: E402
+from evaluation.scenes_judge import right as scene_right  # noqa: E402
+
+
+def _expected_desc(p) -> str:
+    """The description a prompt's query stands for, written here from the query alone."""
+    q = p.query
+    if q.category == "position":
+        return scenes.describe_relation(q.kinds[0], q.relation, q.kinds[1])
+    return scenes.describe_groups([(c, s, q.count) for c, s in q.kinds])
+
+
+def test_scenes_prompts_say_what_the_judge_checks_in_every_wording():
+    prompts = scenes_eval.make_prompts(100)
+    assert prompts == scenes_eval.make_prompts(100)  # a fixed seed
+    assert [p.text for p in scenes_eval.make_prompts(5, seed=1)] != [p.text for p in prompts[:5]]
+    for c in CATEGORIES:
+        mine = [p for p in prompts if p.category == c]
+        assert len(mine) == 100
+        for i, p in enumerate(mine):
+            assert p.text == scenes.apply_template(_expected_desc(p), i % len(scenes.TEMPLATES)), p
+        assert len({p.text for p in mine}) > 50, c  # varied (two objects: 12 ordered shape pairs x 7 wordings)
+    q = [p.query for p in prompts]
+    assert {x.count for x in q if x.category == "counting"} == {2, 3, 4}
+    assert {x.relation for x in q if x.category == "position"} == set(scenes.RELATIONS)
+    assert all(x.kinds[0][1] != x.kinds[1][1] for x in q if x.category in ("two_objects", "colour_attribution"))
+    assert all(x.kinds[0][0] != x.kinds[1][0] for x in q if x.category == "colour_attribution")
+    assert all(x.kinds[0] != x.kinds[1] for x in q if x.category == "position")
+
+
+def test_scenes_prompts_matching_renders_pass_and_hard_negatives_fail():
+    negatives = {"single": ["other shape", "other colour"], "two_objects": ["other shape"],
+                 "colour_attribution": ["swapped colours"], "position": ["mirrored relation"]}
+    for p in scenes_eval.make_prompts(25, seed=3):
+        assert scene_right(p.query, find_objects(scenes.render_scene(p.scene))), p
+        names = [n for n, _ in p.negatives]
+        if p.category == "counting":
+            assert names == ["one fewer", "one more"][:1 + (p.query.count < scenes.MAX_OBJECTS)]
+        else:
+            assert names == negatives[p.category]
+        cells = {(o.row, o.col) for o in p.scene}
+        for name, objs in p.negatives:
+            assert not scene_right(p.query, find_objects(scenes.render_scene(objs))), (p, name)
+            got = {(o.row, o.col) for o in objs}
+            # Only the named thing changes: the same cells (one fewer: a subset; one more: one cell added).
+            assert got < cells if name == "one fewer" else got > cells if name == "one more" else got == cells
+            assert len(objs) == len(p.scene) + {"one fewer": -1, "one more": 1}.get(name, 0)
+
+
+class BagOfWordsCLIP:
+    """A CLIP that sees which colours and which shapes there are, and nothing of counts, binding or
+    places: image -> multi-hot of the colours and shapes the judge finds; text -> of the words it names.
+    Padded to `dim`, unit norm (all zero for a blank image)."""
+
+    def __init__(self, dim: int = 32):
+        self.dim, self.device, self.embed_dim = dim, torch.device("cpu"), dim
+
+    def to(self, *_):
+        return self
+
+    def _vec(self, colours, kinds) -> torch.Tensor:
+        v = torch.zeros(self.dim)
+        for c in colours:
+            v[c] = 1
+        for s in kinds:
+            v[len(shapes.COLORS) + s] = 1
+        return torch.nn.functional.normalize(v, dim=0)
+
+    def encode_image(self, images):
+        found = [find_objects(x) for x in images]
+        return torch.stack([self._vec({o.color for o in f}, {o.shape for o in f}) for f in found])
+
+    def encode_text(self, texts):
+        words = [t.replace(",", "").split() for t in texts]
+        return torch.stack([self._vec({i for i, (n, _) in enumerate(shapes.COLORS) if n in w},
+                                      {i for i, s in enumerate(shapes.SHAPES) if s in w or s + "s" in w})
+                            for w in words])
+
+
+def test_clip_alone_on_a_clip_blind_to_counts_binding_and_places(tmp_path, monkeypatch, capsys):
+    """--clip-only with a CLIP whose answer is known: it tells a red circle from a red square or a blue
+    circle, and a circle and triangle from a circle and square, but its embeddings of a count off by one,
+    swapped colours and a mirrored relation equal the match's: a tie, not 'above', so those categories
+    score 0. No VQGAN or GPT is loaded."""
+    import models.clip
+
+    monkeypatch.setattr(models.clip, "load_clip", lambda *a, **k: BagOfWordsCLIP())
+    monkeypatch.setattr(TextToImage, "from_paths", lambda *a, **k: pytest.fail("loaded the GPT"))
+    out = tmp_path / "a.json"
+    main(parse_args(["--world", "scenes", "--clip-only", "--clip", "fake", "--prompts", "12", "--device", "cpu",
+                     "--json", str(out)]))
+    a = json.loads(out.read_text())["clip_alone"]
+    assert a["single"] == {"all": 1.0, "other shape": 1.0, "other colour": 1.0}
+    assert a["two_objects"] == {"all": 1.0, "other shape": 1.0}
+    assert a["counting"] == {"all": 0.0, "one fewer": 0.0, "one more": 0.0}
+    assert a["colour_attribution"] == {"all": 0.0, "swapped colours": 0.0}
+    assert a["position"] == {"all": 0.0, "mirrored relation": 0.0}
+    assert a["overall"] == pytest.approx(0.4)
+    text = capsys.readouterr().out
+    assert "| share of prompts | 100.0% | 100.0% | 0.0% | 0.0% | 0.0% | 40.0% |" in text
+
+
+def test_scenes_evaluate_end_to_end_with_tiny_models(tiny, tmp_path, capsys):
+    out = tmp_path / "s.json"
+    main(parse_args([*tiny, "--world", "scenes", "--prompts", "2", "--samples", "3", "--json", str(out)]))
+    r = json.loads(out.read_text())
+    assert r["world"] == "scenes" and r["prompts_per_category"] == 2 and r["samples_per_prompt"] == 3
+    for key, n in (("raw", 6), ("reranked", 2)):  # shares of 2 x 3 raw samples and of 2 kept ones per category
+        assert set(r[key]) == {*CATEGORIES, "overall"}
+        assert all(abs(r[key][c] * n - round(r[key][c] * n)) < 1e-9 for c in CATEGORIES), r[key]
+        assert r[key]["overall"] == pytest.approx(sum(r[key][c] for c in CATEGORIES) / 5)
+    assert set(r["clip_alone"]) == {*CATEGORIES, "overall"}
+    assert r["clip_score"]["reranked"] >= r["clip_score"]["raw"]
+    cells = r["diversity"]["cells"]
+    assert len(cells["distinct_per_prompt"]) == 10 and all(0 <= d <= 9 for d in cells["distinct_per_prompt"])
+    text = capsys.readouterr().out
+    assert "| raw |" in text and "| reranked (best of 3) |" in text and "(a) CLIP alone" in text
+
+
+def _scenes_on(samples_for, tiny, tmp_path, monkeypatch, *flags):
+    """evaluate.py --world scenes when the sampler returns samples_for(prompts) (P * S renders in prompt
+    order); returns (results, the conditions the sampler got)."""
+    args = parse_args([*tiny, "--world", "scenes", "--batch-size", "128", "--json", str(tmp_path / "r.json"),
+                       *flags])
+    prompts = scenes_eval.make_prompts(args.prompts, args.seed)
+    images = samples_for(prompts)
+    seen = []
+
+    def fake_sample_conds(self, conds, **kw):
+        assert len(conds) == len(images)  # every prompt's samples in one batch (--batch-size 128)
+        seen.append(conds.clone())
+        return images, torch.zeros(len(images), 8, 8, dtype=torch.long)
+
+    monkeypatch.setattr(TextToImage, "sample_conds", fake_sample_conds)
+    main(args)
+    return json.loads((tmp_path / "r.json").read_text()), seen[0], prompts
+
+
+def test_scenes_shares_and_reranking_on_samples_of_known_correctness(tiny, tmp_path, monkeypatch):
+    """Each prompt's 3 samples are its matching render, its first hard negative and a blank, in an order
+    rotated per prompt: 1/3 of raw samples are right in every category; re-ranking keeps the sample of
+    highest CLIP score against the text (computed here with the same CLIP), and the cells counted are the
+    match's and the negative's."""
+    blank = torch.ones(3, 64, 64)
+
+    def order(k):
+        return [(k + j) % 3 for j in range(3)]  # sample j of prompt k is item order(k)[j] of [match, neg, blank]
+
+    def samples_for(prompts):
+        out = []
+        for k, p in enumerate(prompts):
+            items = [*scenes_eval.render_batch([p.scene, p.negatives[0][1]]), blank]
+            out += [items[i] for i in order(k)]
+        return torch.stack(out)
+
+    res, _, prompts = _scenes_on(samples_for, tiny, tmp_path, monkeypatch, "--prompts", "3", "--samples", "3")
+    assert res["raw"] == {**{c: pytest.approx(1 / 3) for c in CATEGORIES}, "overall": pytest.approx(1 / 3)}
+    pipe = TextToImage.from_paths(*(tiny[tiny.index(f"--{k}") + 1] for k in ("vqgan", "gpt", "clip")), device="cpu")
+    images = samples_for(prompts)
+    scores = (pipe.clip.encode_image(images).view(len(prompts), 3, -1)
+              * pipe.clip.encode_text([p.text for p in prompts])[:, None]).sum(-1)      # (P, 3)
+    kept_right = [order(k)[int(scores[k].argmax())] == 0 for k in range(len(prompts))]
+    worst_right = [order(k)[int(scores[k].argmin())] == 0 for k in range(len(prompts))]
+    assert kept_right != worst_right  # the samples tell the best-scoring pick from the worst
+    for i, c in enumerate(CATEGORIES):
+        assert res["reranked"][c] == pytest.approx(sum(kept_right[3 * i:3 * i + 3]) / 3), c
+    assert res["reranked"]["overall"] == pytest.approx(sum(kept_right) / len(prompts))
+    assert res["clip_score"]["raw"] == pytest.approx(float(scores.mean()), abs=1e-5)
+    assert res["clip_score"]["reranked"] == pytest.approx(float(scores.max(1).values.mean()), abs=1e-5)
+    expected_cells = [len({(o.row, o.col) for o in (*p.scene, *p.negatives[0][1])}) for p in prompts]
+    assert res["diversity"]["cells"]["distinct_per_prompt"] == expected_cells
+
+
+@pytest.mark.parametrize("source", ["text", "image"])
+def test_scenes_condition_is_the_text_or_the_matching_renders_image_embedding(source, tiny, tmp_path, monkeypatch):
+    from models.clip import load_clip
+
+    res, conds, prompts = _scenes_on(lambda ps: torch.ones(len(ps) * 2, 3, 64, 64), tiny, tmp_path, monkeypatch,
+                                     "--prompts", "1", "--samples", "2", "--cond-source", source)
+    clip = load_clip(tiny[tiny.index("--clip") + 1])
+    want = (clip.encode_text([p.text for p in prompts]) if source == "text"
+            else clip.encode_image(scenes_eval.render_batch([p.scene for p in prompts])))
+    assert torch.allclose(conds, want.repeat_interleave(2, 0), atol=1e-5)
+    assert res["cond_source"] == source and res["raw"]["overall"] == 0.0  # blank samples are never right
+
+
+def test_scenes_flags_are_checked_in_one_line(tiny, tmp_path):
+    for flags, msg in ((["--named", "all"], "--named is not for --world scenes"),
+                       (["--fd-real", "4"], "--fd-real is not for --world scenes"),
+                       (["--fid"], "--fid is not for --world scenes"),
+                       (["--dataset", "folder", "--data-path", str(tmp_path)], "--world scenes measures"),
+                       (["--clip-only", "--cond-source", "image"], "--clip-only measures CLIP alone"),
+                       (["--prompts", "0"], "--prompts must be at least 1"),
+                       (["--samples", "0"], "--samples must be at least 1")):
+        with pytest.raises(user_errors(), match=msg):
+            parse_args([*tiny, "--world", "scenes", *flags])
+    with pytest.raises(user_errors(), match="--clip-only is for --world scenes"):
+        parse_args([*tiny, "--clip-only"])
+    with pytest.raises(user_errors(), match="--vqgan and --gpt are required"):
+        parse_args(["--clip", "c", "--world", "scenes"])
+    assert parse_args(["--clip", "c", "--world", "scenes", "--clip-only"]).prompts == 100  # per category
+    assert parse_args([*tiny]).prompts == 200
+
+
+def test_a_flag_error_is_one_line_from_the_command_line(tiny):
+    import subprocess
+
+    from tests.conftest import REPO
+    from tests.test_train_vqgan import _env
+
+    r = subprocess.run([sys.executable, "evaluate.py", *tiny, "--world", "scenes", "--prompts", "0"], cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr == "error: --prompts must be at least 1\n"
