@@ -6,7 +6,7 @@
     python demo.py --interpolate "a red circle" "a blue square" --steps 8
 
 Without --vqgan/--gpt/--clip it loads pretrained/shapes/{vqgan,gpt,clip}.safetensors (`make shapes`
-trains and exports them). --cand-size candidates are sampled (in batches, with the GPT's KV cache; bf16
+trains and exports them), or the three files of --models DIR (e.g. pretrained/scenes). --cand-size candidates are sampled (in batches, with the GPT's KV cache; bf16
 autocast on CUDA), CLIP scores each by the cosine similarity of its image embedding to the condition, and
 the best --out-k are kept.
 
@@ -86,10 +86,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interp-mode", choices=["slerp", "lerp"], default="slerp",
                    help="path between the two text embeddings: great circle, or normalised straight line")
     g = p.add_argument_group("models")
+    g.add_argument("--models", default=None, metavar="DIR",
+                   help=f"folder of vqgan.safetensors, gpt.safetensors and clip.safetensors (what export.py writes; "
+                        f"default {SHIPPED}, the Shapes world); "
+                        f"--vqgan, --gpt and --clip replace its files one by one")
     for kind, name in KINDS.items():
         extra = " or an open_clip NAME:TAG (e.g. ViT-B-32:openai)" if kind == "clip" else ""
         g.add_argument(f"--{kind}", default=None, metavar="PATH",
-                       help=f"{name} checkpoint or weights file{extra} (default: {SHIPPED / kind}.safetensors)")
+                       help=f"{name} checkpoint or weights file{extra} (default: MODELS/{kind}.safetensors)")
     g.add_argument("--no-ema", action="store_true", help="the GPT's raw weights, not its EMA (training checkpoints)")
     g = p.add_argument_group("sampling")
     g.add_argument("--sampling", choices=["auto", *PRESET_NAMES], default="auto",
@@ -199,18 +203,26 @@ def checkpoint_paths(args) -> dict[str, tuple[str, bool]]:
     out = {}
     for kind, name in KINDS.items():
         given = getattr(args, kind)
-        path = given or str(shipped(kind))
-        hint = f"{HOW_TO_GET}, or pass --{kind} PATH"
+        path = given or str(shipped(kind, args.models))
+        hint = f"{how_to_get(args.models)}, or pass --{kind} PATH"
         if given is None and not Path(path).is_file():
-            raise CheckpointError(f"{_short(path)} not found (the shipped Shapes {name}): {hint}")
+            what = f"the shipped Shapes {name}" if args.models is None else f"the {name} of --models {args.models}"
+            raise CheckpointError(f"{_short(path)} not found ({what}): {hint}")
         if given is not None and not Path(given).is_file() and (kind != "clip" or looks_like_path(given)):
             raise CheckpointError(f"{name} checkpoint not found: {given} (--{kind}); {hint} of an existing file")
         out[kind] = (path, given is None)
     return out
 
 
-def shipped(kind: str) -> Path:
-    return HERE / SHIPPED / f"{kind}.safetensors"
+def shipped(kind: str, models: str | None = None) -> Path:
+    """A stage's file in --models DIR, or in the shipped Shapes folder."""
+    return (Path(models) if models is not None else HERE / SHIPPED) / f"{kind}.safetensors"
+
+
+def how_to_get(models: str | None) -> str:
+    if models is None or Path(models).resolve() == (HERE / SHIPPED).resolve():
+        return HOW_TO_GET
+    return "write the three files with export.py"
 
 
 def _short(path: str | Path) -> str:
@@ -366,7 +378,7 @@ def load_stage(kind: str, path: str, default: bool, device, args):
     try:
         return loaders[kind](path)
     except CheckpointError as e:  # unreadable, or of another kind; say how to get a good one
-        hint = f" ({HOW_TO_GET}, or pass --{kind} PATH)" if default or "pass " not in str(e) else ""
+        hint = f" ({how_to_get(args.models)}, or pass --{kind} PATH)" if default or "pass " not in str(e) else ""
         raise CheckpointError(f"--{kind}: {e}{hint}") from None
 
 

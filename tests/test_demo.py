@@ -390,3 +390,25 @@ def test_api_progress_interpolation_and_grid(ck):
         assert torch.isclose(mid.norm(), torch.tensor(1.0)) and torch.isclose(mid @ a, mid @ b, atol=1e-5)
     assert torch.allclose(blend(a, b, 1.0), b, atol=1e-5)
     assert image_grid(torch.zeros(10, 3, 4, 4)).shape == (3, 2 * 6 + 2, 8 * 6 + 2)
+
+
+def test_models_folder_is_used_and_single_flags_replace_its_files(ck, tmp_path, capsys):
+    """--models DIR takes its three files (here the tiny exports), gives the same pictures as naming the
+    three files, lets --gpt replace one of them, and names a missing file of the folder in one line."""
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    code, _, err = in_process(capsys, "--text", PROMPT, "--models", ck / "weights", "--cand-size", "2",
+                              "--out-k", "1", "--out", a, "--quiet")
+    assert code == 0, err
+    code, _, err = in_process(capsys, "--text", PROMPT, *_models_flat(ck), "--cand-size", "2", "--out-k", "1",
+                              "--out", b, "--quiet")
+    assert code == 0, err
+    assert a.read_bytes() == b.read_bytes()
+    code, _, err = in_process(capsys, "--text", PROMPT, "--models", ck / "weights", "--gpt", ck / "gpt99.pt",
+                              "--out", tmp_path / "c.png", "--quiet")
+    assert "99" in _one_error_line(code, err)  # the replaced GPT (another codebook) is the one loaded
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = in_process(capsys, "--text", PROMPT, "--models", empty, "--out", tmp_path / "d.png")
+    line = _one_error_line(code, err)
+    assert f"the VQGAN of --models {empty}" in line and "export.py" in line and "--vqgan PATH" in line
+    assert not (tmp_path / "d.png").exists()
