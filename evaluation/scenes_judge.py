@@ -190,17 +190,21 @@ def judge_scene(query: Query, image) -> bool:
 
 # ------------------------------------------------------------------------ the judge on ground truth
 
-def check(scenes_list) -> dict:
-    """The judge on ground-truth renders of `scenes_list` (lists of datasets.scenes.SceneObject): an object
-    is right when exactly one found object lies in its cell and it has the object's colour and shape; a
-    scene is right when all its objects are and nothing else is found. Returns {"objects", "objects_right",
-    "scenes", "scenes_right", "max_centre_error" (px, over right objects), "wrong": [scene numbers]}."""
+def check(scenes_list, vqgan=None, batch: int = 50) -> dict:
+    """The judge on ground-truth renders of `scenes_list` (lists of datasets.scenes.SceneObject), or with
+    `vqgan` on its reconstructions of them: an object is right when exactly one found object lies in its
+    cell and it has the object's colour and shape; a scene is right when all its objects are and nothing
+    else is found. Returns {"objects", "objects_right", "scenes", "scenes_right", "max_centre_error" (px,
+    over right objects), "wrong": [scene numbers]}."""
     from datasets.scenes import render_scene
 
+    images = [render_scene(objects) for objects in scenes_list]
+    if vqgan is not None:
+        images = _reconstruct(vqgan, images, batch)
     n_obj = n_right = n_scenes_right = 0
     worst, wrong = 0.0, []
-    for k, objects in enumerate(scenes_list):
-        found = find_objects(render_scene(objects))
+    for k, (objects, image) in enumerate(zip(scenes_list, images)):
+        found = find_objects(image)
         good = 0
         for o in objects:
             there = [f for f in found if f.cell == (o.row, o.col)]
@@ -217,6 +221,20 @@ def check(scenes_list) -> dict:
             "max_centre_error": worst, "wrong": wrong}
 
 
+def _reconstruct(vqgan, images, batch: int) -> list:
+    """The VQGAN's reconstructions (3, H, W) in [-1, 1] of PIL images, through its tokens, `batch` at a time."""
+    import torch
+
+    out = []
+    device = next(vqgan.parameters()).device
+    for i in range(0, len(images), batch):
+        x = torch.stack([torch.from_numpy(np.array(im, dtype=np.float32)).permute(2, 0, 1) for im in images[i:i + batch]])
+        with torch.no_grad():
+            _, tokens, _, _ = vqgan.encode(x.to(device) / 127.5 - 1)
+            out.extend(vqgan.decode_indices(tokens).float().clamp(-1, 1).cpu())
+    return out
+
+
 def main(argv=None) -> int:
     """python -m evaluation.scenes_judge --renders 3000: the judge on the test split's first N scenes;
     exits 1 when the share of objects right is below --min-share (default 0.99, the spec's bar)."""
@@ -228,11 +246,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--renders", type=int, default=3000, help="test-split scenes rendered and judged")
     p.add_argument("--min-share", type=float, default=0.99)
+    p.add_argument("--vqgan", default=None, help="judge this VQGAN's reconstructions of the scenes instead")
     args = p.parse_args(argv)
     t0 = time.time()
-    r = check([sample_scene(SPLIT_SEEDS["test"], i) for i in range(args.renders)])
+    vqgan = None
+    if args.vqgan:
+        from models.convert import load_vqgan
+
+        vqgan = load_vqgan(args.vqgan)
+    r = check([sample_scene(SPLIT_SEEDS["test"], i) for i in range(args.renders)], vqgan)
     share = r["objects_right"] / max(1, r["objects"])
-    print(f"{r['scenes']} test scenes, {r['objects']} objects: {share:.2%} of objects right "
+    what = f"reconstructions by {args.vqgan} of " if args.vqgan else ""
+    print(f"{what}{r['scenes']} test scenes, {r['objects']} objects: {share:.2%} of objects right "
           f"({r['objects_right']}), {r['scenes_right'] / max(1, r['scenes']):.2%} of scenes all right; "
           f"box centres within {r['max_centre_error']:.2f} px; {time.time() - t0:.1f} s"
           + (f"; wrong scenes: {r['wrong'][:10]}" if r["wrong"] else ""))

@@ -147,3 +147,30 @@ def test_unknown_categories_and_relations_are_refused():
         Query("size", ((RED, CIRCLE),))
     with pytest.raises(ValueError, match="unknown relation"):
         Query("position", ((RED, CIRCLE), (BLUE, SQUARE)), relation="behind")
+
+
+def test_check_judges_a_vqgans_reconstructions():
+    """check(..., vqgan) judges what the VQGAN gives back: a perfect one keeps every object right, one that
+    returns white loses them all."""
+    import torch
+
+    from datasets.scenes import SPLIT_SEEDS, sample_scene
+    from evaluation.scenes_judge import check
+
+    class Fake(torch.nn.Module):
+        def __init__(self, white: bool):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.white = white
+
+        def encode(self, x):
+            return None, x, None, None  # "tokens": the images themselves
+
+        def decode_indices(self, tokens):
+            return torch.ones_like(tokens) if self.white else tokens
+
+    scenes = [sample_scene(SPLIT_SEEDS["test"], i) for i in range(12)]
+    n = sum(len(s) for s in scenes)
+    assert check(scenes, Fake(white=False), batch=5)["objects_right"] == n
+    bad = check(scenes, Fake(white=True), batch=5)
+    assert bad["objects_right"] == 0 and bad["scenes_right"] == 0 and bad["objects"] == n
