@@ -193,20 +193,94 @@ def relations_between(a: SceneObject, b: SceneObject) -> list[str]:
     return out
 
 
-def caption_scene(objects: Sequence[SceneObject], rng: np.random.Generator) -> str:
-    """A training caption: every object, by groups of identical kind in random order with their counts;
-    two objects of different kinds are instead, with probability P_RELATION, named with a relation that
-    holds (which of the two comes first, and for diagonal cells which relation, drawn uniformly)."""
+# What a caption says before it is worded: (template index, ("groups", [(color, shape, count), ...]) or
+# ("relation", (color, shape), relation, (color, shape))).
+CaptionPlan = tuple[int, tuple]
+
+
+def caption_plan(objects: Sequence[SceneObject], rng: np.random.Generator) -> CaptionPlan:
+    """What caption_scene says about `objects` (same draws from rng, so the same caption)."""
     template = int(rng.integers(len(TEMPLATES)))
     if len(objects) == 2 and objects[0].kind != objects[1].kind and rng.random() < P_RELATION:
         first = int(rng.integers(2))
         a, b = objects[first], objects[1 - first]
         true = relations_between(a, b)
-        desc = describe_relation(a.kind, true[int(rng.integers(len(true)))], b.kind)
-    else:
-        groups = groups_of(objects)
-        desc = describe_groups([groups[k] for k in rng.permutation(len(groups))])
-    return apply_template(desc, template)
+        return template, ("relation", a.kind, true[int(rng.integers(len(true)))], b.kind)
+    groups = groups_of(objects)
+    return template, ("groups", [groups[k] for k in rng.permutation(len(groups))])
+
+
+def word_plan(plan: CaptionPlan) -> str:
+    template, desc = plan
+    text = describe_relation(*desc[1:]) if desc[0] == "relation" else describe_groups(desc[1])
+    return apply_template(text, template)
+
+
+def caption_scene(objects: Sequence[SceneObject], rng: np.random.Generator) -> str:
+    """A training caption: every object, by groups of identical kind in random order with their counts;
+    two objects of different kinds are instead, with probability P_RELATION, named with a relation that
+    holds (which of the two comes first, and for diagonal cells which relation, drawn uniformly)."""
+    return word_plan(caption_plan(objects, rng))
+
+
+# ---- hard negatives (NegCLIP-style extra negative texts for train_clip.py --hard-negatives) ----------------
+
+HARD_NEGATIVES = ("swapped colours", "mirrored relation", "count", "other shape", "other colour")
+
+
+def _hard_negative_options(desc: tuple) -> dict[str, list[tuple]]:
+    """Every description that changes exactly one binding of a true, complete one (`desc` of a CaptionPlan)
+    and so is false of its scene, by HARD_NEGATIVES name. Group descriptions stay one group per kind and 1 to
+    MAX_OBJECTS objects in all; relation descriptions keep one object per side."""
+    n_c, n_s = len(COLORS), len(SHAPES)
+    out: dict[str, list[tuple]] = {name: [] for name in HARD_NEGATIVES}
+    if desc[0] == "relation":
+        _, (ca, sa), rel, (cb, sb) = desc
+        # Either wording of the mirror: the relation word, or the two sides trading places.
+        out["mirrored relation"] += [("relation", (ca, sa), MIRROR[rel], (cb, sb)),
+                                     ("relation", (cb, sb), rel, (ca, sa))]
+        if ca != cb and sa != sb:  # with one of them equal, a colour swap is no change or the mirror
+            out["swapped colours"].append(("relation", (cb, sa), rel, (ca, sb)))
+        scene = {(ca, sa), (cb, sb)}
+        for side in (0, 1):
+            c, s = ((ca, sa), (cb, sb))[side]
+            for new in [(c, t) for t in range(n_s) if t != s] + [(d, s) for d in range(n_c) if d != c]:
+                if new not in scene:  # a kind the scene lacks
+                    kinds = [(ca, sa), (cb, sb)]
+                    kinds[side] = new
+                    out["other shape" if new[0] == c else "other colour"].append(("relation", kinds[0], rel, kinds[1]))
+        return out
+    groups = list(desc[1])
+    kinds = {(c, s) for c, s, _ in groups}
+    total = sum(n for _, _, n in groups)
+    for i, (c, s, n) in enumerate(groups):
+        for m in (n - 1, n + 1):
+            if 1 <= m and 1 <= total - n + m <= MAX_OBJECTS:
+                out["count"].append(("groups", groups[:i] + [(c, s, m)] + groups[i + 1:]))
+        for new in [(c, t) for t in range(n_s) if t != s] + [(d, s) for d in range(n_c) if d != c]:
+            if new not in kinds:
+                out["other shape" if new[0] == c else "other colour"].append(
+                    ("groups", groups[:i] + [(*new, n)] + groups[i + 1:]))
+        for j in range(i + 1, len(groups)):
+            cj, sj, nj = groups[j]
+            if c != cj and s != sj and not {(cj, s), (c, sj)} & kinds:
+                swapped = list(groups)
+                swapped[i], swapped[j] = (cj, s, n), (c, sj, nj)
+                out["swapped colours"].append(("groups", swapped))
+    return out
+
+
+def hard_negative_plan(plan: CaptionPlan, rng: np.random.Generator, p_mirror: float = 1.0) -> tuple[str, CaptionPlan]:
+    """(name, plan): the caption `plan` with one binding changed, same template, false of the scene. A
+    relation caption is mirrored with probability p_mirror (the relation is what only these ~11% of
+    captions say); otherwise a name of HARD_NEGATIVES is drawn uniformly among those that apply, then one
+    change of it uniformly. Every caption has one: a count can always move by one, a relation be mirrored."""
+    template, desc = plan
+    options = {k: v for k, v in _hard_negative_options(desc).items() if v}
+    if desc[0] == "relation" and rng.random() < p_mirror:
+        options = {"mirrored relation": options["mirrored relation"]}
+    name = list(options)[int(rng.integers(len(options)))]
+    return name, (template, options[name][int(rng.integers(len(options[name])))])
 
 
 def objects_tensor(objects: Sequence[SceneObject]) -> torch.Tensor:
@@ -246,6 +320,17 @@ class ScenesDataset(Dataset):
         # Its own stream (a third seed word), so captions do not shift if scene sampling changes.
         rng = np.random.default_rng([self.split_seed, index, 1])
         return caption_scene(objects if objects is not None else self.scene(index), rng)
+
+    def caption_plan(self, index: int, objects: Sequence[SceneObject] | None = None) -> CaptionPlan:
+        """What caption(index) says, before wording (same stream)."""
+        objects = objects if objects is not None else self.scene(index)
+        return caption_plan(objects, np.random.default_rng([self.split_seed, index, 1]))
+
+    def hard_negative_plan(self, index: int, objects: Sequence[SceneObject] | None = None) -> tuple[str, CaptionPlan]:
+        """(name, plan) of a caption that differs from caption(index) in one binding and is false of the scene
+        (hard_negative_plan; its own stream, a fourth seed word). word_plan(plan) is its text."""
+        plan = self.caption_plan(index, objects)
+        return hard_negative_plan(plan, np.random.default_rng([self.split_seed, index, 2]))
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, _ = unpack_key(key)
