@@ -16,10 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from datasets.robust import DataError
-from datasets.shapes import BACKGROUND, CANVAS, COLORS, SHAPES, draw_object
+from datasets.shapes import BACKGROUND, CANVAS, COLORS, SHAPES, SyntheticSplit, draw_object
 from datasets.transforms import EvalTransform, unpack_key
 
 GRID = (11.0, 32.0, 53.0)  # centre coordinate in px of row/col 0, 1, 2 of the 3 x 3 grid
@@ -291,27 +290,14 @@ def objects_tensor(objects: Sequence[SceneObject]) -> torch.Tensor:
     return out
 
 
-class ScenesDataset(Dataset):
+class ScenesDataset(SyntheticSplit):
     """`length` items of one split of the scenes world, like datasets.shapes.ShapesDataset. Items carry
     `n_objects`, `objects` (objects_tensor) and, for captioned splits, a caption. Resolutions other than 64
     resize the whole image (no crop: positions are labels). Items are fixed by (split, index); the seed of
     an (index, seed) key is not used."""
 
-    def __init__(self, split: str = "unlabeled-train", length: int = 50_000, resolution: int = CANVAS,
-                 captioned: bool | None = None):
-        if split not in SPLIT_SEEDS:
-            raise DataError(f"unknown scenes split {split!r}; expected one of {list(SPLIT_SEEDS)}")
-        if length < 1:
-            raise DataError(f"a scenes split needs at least 1 item, got length={length}")
-        self.split = split
-        self.split_seed = SPLIT_SEEDS[split]
-        self.length = length
-        self.resolution = resolution
-        self.captioned = split.startswith("captioned") if captioned is None else captioned
-        self.transform = EvalTransform(resolution)
-
-    def __len__(self) -> int:
-        return self.length
+    WORLD = "scenes"
+    SPLIT_SEEDS = SPLIT_SEEDS
 
     def scene(self, index: int) -> list[SceneObject]:
         return sample_scene(self.split_seed, index)

@@ -211,19 +211,21 @@ def caption(spec: ShapeSpec, rng: np.random.Generator) -> str:
     return describe(spec, named, template)
 
 
-class ShapesDataset(Dataset):
-    """`length` items of one split. Items carry the labels (color, shape, size, row, col) and, for
-    captioned splits, a caption. Resolutions other than 64 resize the whole image (no crop: position is
-    a label). Items are fixed by (split, index); the seed of an (index, seed) key is not used."""
+class SyntheticSplit(Dataset):
+    """One split of a synthetic world (WORLD names it in errors; SPLIT_SEEDS maps split names to seeds):
+    `length` items, images resized to `resolution`, captions on captioned splits (or as `captioned` says)."""
+
+    WORLD = "Shapes"
+    SPLIT_SEEDS = SPLIT_SEEDS
 
     def __init__(self, split: str = "unlabeled-train", length: int = 50_000, resolution: int = CANVAS,
                  captioned: bool | None = None):
-        if split not in SPLIT_SEEDS:
-            raise DataError(f"unknown Shapes split {split!r}; expected one of {list(SPLIT_SEEDS)}")
+        if split not in self.SPLIT_SEEDS:
+            raise DataError(f"unknown {self.WORLD} split {split!r}; expected one of {list(self.SPLIT_SEEDS)}")
         if length < 1:
-            raise DataError(f"a Shapes split needs at least 1 item, got length={length}")
+            raise DataError(f"a {self.WORLD} split needs at least 1 item, got length={length}")
         self.split = split
-        self.split_seed = SPLIT_SEEDS[split]
+        self.split_seed = self.SPLIT_SEEDS[split]
         self.length = length
         self.resolution = resolution
         self.captioned = split.startswith("captioned") if captioned is None else captioned
@@ -231,6 +233,13 @@ class ShapesDataset(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+
+class ShapesDataset(SyntheticSplit):
+    """`length` items of one split. Items carry the labels (color, shape, size, row, col) and, for
+    captioned splits, a caption. Resolutions other than 64 resize the whole image (no crop: position is
+    a label). Items are fixed by (split, index); the seed of an (index, seed) key is not used."""
+
 
     def spec(self, index: int) -> ShapeSpec:
         return sample_attributes(self.split_seed, index)
