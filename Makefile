@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all demo shapes venv clean bench
+.PHONY: test test-all demo shapes scenes venv clean bench
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(STAMP)
 # Reproduce pretrained/shapes/ from nothing (CLIP, VQGAN, pre-encoding, GPT, export, evaluation); see README.
 shapes: $(STAMP)
 	PY=$(PY) bash scripts/shapes.sh
+
+# Reproduce pretrained/scenes/ from nothing (the several-object world); SUPERVISED=1 adds the --cond text GPT.
+scenes: $(STAMP)
+	PY=$(PY) bash scripts/scenes.sh
 
 # Benchmarks (bench/): results in bench/results/<machine>-<date>.json and .md. BENCH_ARGS="--only sampling --threads 2"
 bench: $(STAMP)
