@@ -57,9 +57,9 @@ from models.pipeline import SAMPLING_PRESETS, default_sampling, numbered  # noqa
 HERE = Path(__file__).resolve().parent
 SHIPPED = Path("pretrained/shapes")  # relative to this file's folder
 KINDS = {"vqgan": "VQGAN", "gpt": "GPT", "clip": "CLIP"}
-HOW_TO_GET = "run `make shapes` to train the Shapes checkpoints"
-SHIPPED_SCENES = Path("pretrained/scenes")
-HOW_TO_GET_SCENES = "run `make scenes` to train the scenes checkpoints"
+# the shipped folders (relative to this file's folder) and how a checkout without their files gets them
+HOW_TO_GET = {SHIPPED: "run `make shapes` to train the Shapes checkpoints",
+              Path("pretrained/scenes"): "run `make scenes` to train the scenes checkpoints"}
 # On CPU a GPT this narrow does too little work per token to share out: 16 Shapes candidates took 0.35 s on
 # 1 thread and 19 s on 2 (2 cores busy with training: OpenMP threads wait for each other at each of the
 # thousands of small per-token ops). On free cores a second thread could save part of the 0.35 s at most.
@@ -222,11 +222,9 @@ def shipped(kind: str, models: str | None = None) -> Path:
 
 
 def how_to_get(models: str | None) -> str:
-    if models is None or Path(models).resolve() == (HERE / SHIPPED).resolve():
-        return HOW_TO_GET
-    if Path(models).resolve() == (HERE / SHIPPED_SCENES).resolve():
-        return HOW_TO_GET_SCENES
-    return "write the three files with export.py"
+    folder = (HERE / SHIPPED if models is None else Path(models)).resolve()
+    return next((how for shipped_dir, how in HOW_TO_GET.items() if folder == (HERE / shipped_dir).resolve()),
+                "write the three files with export.py")
 
 
 def _short(path: str | Path) -> str:

@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# Reproduce pretrained/scenes/ from nothing: CLIP and VQGAN (side by side, one core each), pre-encoding,
+# Reproduce pretrained/scenes/ from nothing: CLIP and VQGAN (side by side: one thread and two), pre-encoding,
 # the language-free GPT, export, evaluation. Sized for 2 CPU cores.
 #   make scenes                      (or: bash scripts/scenes.sh)
 # Variables: PY (python), OUT (work folder, default runs/scenes), DEST (default pretrained/scenes),
 # EVAL_PROMPTS (prompts per category for the closing evaluation, 0 = skip), SUPERVISED=1 (also the
 # supervised --cond text GPT on the captioned split, the comparison; not part of the shipped files),
 # GPT_ARGS (replaces the GPT recipe). Every stage resumes if re-run after a stop.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+source "$(dirname "$0")/common.sh"
 OUT=${OUT:-runs/scenes}
 DEST=${DEST:-pretrained/scenes}
 EVAL_PROMPTS=${EVAL_PROMPTS:-100}
@@ -16,8 +14,6 @@ SUPERVISED=${SUPERVISED:-0}
 TRAIN_SIZE=${TRAIN_SIZE:-40960}
 GPT_RECIPE=${GPT_ARGS:---preset tiny --dropout 0 --lr 1e-3 --max-steps 4000 --warmup-steps 100 --embed-noise 0 --sample-every 100000}
 mkdir -p "$OUT" "$DEST"
-T0=$(date +%s)
-stage() { echo "== [$(( ($(date +%s) - T0) / 60 )) min] $*"; }
 
 stage "1/5 CLIP on the captioned scenes (one thread) and VQGAN on the unlabeled scenes (two), side by side"
 OMP_NUM_THREADS=1 $PY train_clip.py --preset scenes --out-dir "$OUT/clip" --no-tensorboard --resume auto \

@@ -3,15 +3,11 @@
 #   make shapes                      (or: bash scripts/shapes.sh)
 # Variables: PY (python), OUT (work folder, default runs/shapes), DEST (default pretrained/shapes),
 # EVAL_PROMPTS (prompts for the closing evaluation, 0 = skip). Every stage resumes if re-run after a stop.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+source "$(dirname "$0")/common.sh"
 OUT=${OUT:-runs/shapes}
 DEST=${DEST:-pretrained/shapes}
 EVAL_PROMPTS=${EVAL_PROMPTS:-200}
 mkdir -p "$OUT" "$DEST"
-T0=$(date +%s)
-stage() { echo "== [$(( ($(date +%s) - T0) / 60 )) min] $*"; }
 
 stage "1/5 CLIP on the captioned split"
 $PY train_clip.py --preset shapes --out-dir "$OUT/clip" --no-tensorboard --resume auto
