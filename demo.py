@@ -49,10 +49,11 @@ START = time.perf_counter()  # before the imports: the summary line counts them
 import torch  # noqa: E402
 
 from engine.checkpoint import CheckpointError  # noqa: E402
-from engine.cli import UsageError, run  # noqa: E402
+from engine.cli import Parser, UsageError, check_sampling_numbers, run  # noqa: E402
 # Cheap once torch is in (0.03 s): open_clip is imported only by the CLIP loaders that need it.
 from models.clip import looks_like_path  # noqa: E402
 from models.pipeline import SAMPLING_PRESETS, default_sampling, numbered  # noqa: E402
+from models.refine import add_args as add_refine_args, from_args as refine_from_args  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = Path("pretrained/shapes")  # relative to this file's folder
@@ -67,12 +68,6 @@ SMALL_GPT_WIDTH = 512
 PRESET_NAMES = tuple(SAMPLING_PRESETS)
 # The flags a preset fills in when not given: {argparse dest: SAMPLING_PRESETS key}
 PRESET_FLAGS = {"cand_size": "n_candidates", "top_k": "top_k", "top_p": "top_p", "temperature": "temperature"}
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, as every other mistake; not argparse's usage + error
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -119,6 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="CUDA: bf16 autocast (auto = bf16); CPU: bf16 stores the GPT's weights in bf16, "
                         "faster for large GPTs (auto = fp32); MPS: fp32")
+    g = add_refine_args(p)
+    g.description = ("the kept images' latents are moved toward the prompt (or --image's picture) by CLIP's "
+                     "gradient, then re-ranked; not for --interpolate")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="sample.png",
                    help="the grid (or strip) to write (default sample.png); see above for the other files")
@@ -143,15 +141,24 @@ def check_numbers(args) -> None:
             raise UsageError(f"--{flag} must be at least {low}, got {value}")
     if args.cand_size is not None and args.out_k > args.cand_size:
         raise UsageError(f"--out-k {args.out_k} keeps more than the --cand-size {args.cand_size} candidates")
-    if args.temperature is not None and not args.temperature > 0:
-        raise UsageError(f"--temperature must be > 0, got {args.temperature} (use --top-k 1 for greedy)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_sampling_numbers(args)
     if args.steps is not None and args.interpolate is None:
         raise UsageError("--steps goes with --interpolate")
+    args.refine = refine_from_args(args)
+    if args.refine.steps and args.interpolate:
+        raise UsageError("--refine-steps is not for --interpolate (each step would move on its own)")
     args.steps = 8 if args.steps is None else args.steps
     if args.steps < 2:
         raise UsageError(f"--steps must be at least 2, got {args.steps}")
+
+
+def capped_threads(n: int) -> int:
+    """n, or this machine's cores when n asks for more (OpenMP crashes on a hundred thousand threads)."""
+    cores = os.cpu_count() or 1
+    if n > cores:
+        print(f"warning: --threads {n} is more than this machine's {cores} cores; using {cores}", file=sys.stderr)
+        return cores
+    return n
 
 
 def check_text(text: str, what: str) -> str:
@@ -275,7 +282,9 @@ def main(args: argparse.Namespace) -> None:
     pipe = load_pipeline(paths, device, args, gpt)
     if device.type == "cpu":
         threads = args.threads or (1 if pipe.gpt.cfg.n_embd <= SMALL_GPT_WIDTH else default_threads)
+        threads = capped_threads(threads)
         torch.set_num_threads(threads)
+        pipe.refine_threads = args.threads or default_threads  # decoder and CLIP backward: convolutions share out
     t_loaded = time.perf_counter()
 
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
@@ -306,12 +315,14 @@ def candidates(pipe, args, job: Job, picture, report, kw) -> list[str]:
     from models.pipeline import save_images
 
     if picture is not None:
-        gen = pipe.variations(picture, args.cand_size, args.out_k, progress=report, **kw)
+        gen = pipe.variations(picture, args.cand_size, args.out_k, progress=report, refine=args.refine, **kw)
     else:
-        gen = pipe(job.text, args.cand_size, args.out_k, progress=report, **kw)
+        gen = pipe(job.text, args.cand_size, args.out_k, progress=report, refine=args.refine, **kw)
     written = save_images(gen.images, job.out)
     about = "the picture" if picture is not None else "the text"
-    return [f"{job.label}: the best {len(gen.images)} of {args.cand_size} candidates by CLIP similarity to {about}",
+    refined = f", refined {args.refine.steps} steps" if args.refine.steps else ""
+    return [f"{job.label}: the best {len(gen.images)} of {args.cand_size} candidates{refined} by CLIP similarity to "
+            f"{about}",
             *(f"  {s:7.4f}  {p}" for s, p in zip(gen.scores.tolist(), written[1:])),
             f"grid: {job.out}"]
 
@@ -331,20 +342,9 @@ def interpolation(pipe, args, job: Job, report, kw) -> list[str]:
 
 
 def check_device(requested: str | None) -> torch.device:
-    from engine.distributed import pick_device
+    from engine.distributed import checked_device
 
-    try:
-        device = pick_device(requested)
-    except RuntimeError:
-        raise UsageError(f"--device {requested} is not a device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {requested}: CUDA is not available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {requested}: there are {torch.cuda.device_count()} CUDA devices")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError(f"--device {requested}: MPS is not available here; use --device cpu")
-    return device
+    return checked_device(requested)  # one line for no device, a missing one, or one that cannot run (meta)
 
 
 def resolve_sampling(args, gpt_cfg) -> str:

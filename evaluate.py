@@ -38,17 +38,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 
 import numpy as np
 import torch
 
 from datasets import shapes
-from engine.cli import UsageError, run
+from engine import distributed as D
+from engine.cli import Parser, UsageError, check_sampling_numbers, run
 from evaluation import real as real_data
 from evaluation import scenes_eval
 from evaluation.fid import fid, frechet_distance, inception_weights, torch_fidelity
 from evaluation.judge import judge
+from evaluation.refined import RefineTally, add_refine_args, refine_config, refine_markdown, refine_rows
 from models.pipeline import TextToImage
 
 NAMED = {"all": ("color", "shape", "size", "position"), "color+shape": ("color", "shape"),
@@ -59,7 +62,7 @@ REAL_OFFSET = 1_000_000  # held-out real renders: test-split indices far from th
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vqgan", help="required, except with --clip-only")
     p.add_argument("--gpt", help="required, except with --clip-only")
     p.add_argument("--clip", required=True)
@@ -103,12 +106,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        "a.txt); coco: the image folder")
     p.add_argument("--coco-annotations", help="coco: the captions_*.json of the --data-path images")
     p.add_argument("--json", default=None, help="also write the results here")
+    add_refine_args(p)
     args = p.parse_args(argv)
     if args.prompts is None:
         args.prompts = 100 if args.world == "scenes" else 200
     for name in ("prompts", "samples", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    check_sampling_numbers(args, seed_scale=200_003)  # evaluate seeds batches with seed * 100_003 + offset
+    if args.json:
+        check_writable(args.json)
     if args.world == "scenes":
         if args.dataset != "shapes":
             raise UsageError("--world scenes measures the scenes world; --dataset folder or coco is for real images")
@@ -121,6 +128,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise UsageError("--clip-only measures CLIP alone; --cond-source is for sampling")
     elif args.clip_only:
         raise UsageError("--clip-only is for --world scenes")
+    args.refine = refine_config(args)
+    if args.refine.steps and (args.clip_only or args.dataset != "shapes"):
+        raise UsageError("--refine-steps is for sampling on the Shapes or scenes world")
     if not args.clip_only and (args.vqgan is None or args.gpt is None):
         raise UsageError("--vqgan and --gpt are required (only --world scenes --clip-only runs without them)")
     if args.dataset == "shapes" and args.world == "shapes":
@@ -133,6 +143,17 @@ def parse_args(argv=None) -> argparse.Namespace:
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} is for the Shapes world (--dataset shapes)")
     return args
+
+
+def check_writable(path: str) -> None:
+    """Before any sampling: the --json file's folder exists and takes files (not a lost run at the end)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--json {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"--json {path} is a folder; give a file name")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--json {path}: cannot write in {folder}")
 
 
 def prompt_specs(n: int, named: tuple, seed: int):
@@ -191,10 +212,9 @@ def main(args, fid_features=None) -> None:
         if fid_features is None:
             weights = inception_weights(args.inception_weights)
     if args.clip_only:  # the decomposition's part (a): CLIP alone, no GPT
-        from engine import distributed as D
         from models.clip import load_clip
 
-        clip = load_clip(args.clip, device=D.pick_device(args.device))
+        clip = load_clip(args.clip, device=D.checked_device(args.device))
         result = {"world": "scenes", "prompts_per_category": args.prompts, "seed": args.seed, "clip": args.clip,
                   "clip_alone": scenes_eval.clip_alone(clip, scenes_eval.make_prompts(args.prompts, args.seed),
                                                        args.batch_size)}
@@ -203,8 +223,8 @@ def main(args, fid_features=None) -> None:
     data = None
     if args.dataset != "shapes":  # a wrong --data-path fails before the models load
         data = real_data.load_captioned(args.dataset, args.data_path, args.coco_annotations)
-    pipe = TextToImage.from_paths(args.vqgan, args.gpt, args.clip, device=args.device, precision=args.precision,
-                                  use_ema=not args.no_ema)
+    pipe = TextToImage.from_paths(args.vqgan, args.gpt, args.clip, device=D.checked_device(args.device),
+                                  precision=args.precision, use_ema=not args.no_ema)
     check_guidance(pipe.gpt, args.cfg_scale)
     if args.world == "scenes":
         result = scenes_eval.evaluate_scenes(pipe, args)
@@ -241,18 +261,26 @@ def evaluate_shapes(pipe: TextToImage, args, weights: str | None = None, fid_fea
     div = {a: [] for a in unnamed}
     clip_raw, clip_best, fake_feats, fake_images, gap = [], [], [], [], []
     per_batch = max(1, args.batch_size // args.samples)   # prompts sampled together
+    top = args.refine_top or args.samples
+    tally = RefineTally()
     t0 = time.time()
     for start in range(0, len(specs), per_batch):
         chunk = specs[start:start + per_batch]
         text = pipe.clip.encode_text([p for _, p in chunk])
         rendered = pipe.clip.encode_image(_render_batch([s for s, _ in chunk]).to(pipe.device))
         gap += (text * rendered).sum(-1).tolist()    # how close the text lands to its scene's image embedding
-        cond = rendered if args.cond_source == "image" else text
-        images, _ = pipe.sample_conds(cond.repeat_interleave(args.samples, 0), temperature=args.temperature,
-                                      top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
-                                      seed=args.seed * 100_003 + start, batch_size=args.batch_size)
+        cond = (rendered if args.cond_source == "image" else text).repeat_interleave(args.samples, 0)
+        seed = args.seed * 100_003 + start
+        images, tokens = pipe.sample_conds(cond, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                           cfg_scale=args.cfg_scale, seed=seed, batch_size=args.batch_size)
         feats = pipe.clip.encode_image(images)
         fake_feats.append(feats.cpu())
+        if args.refine.steps:
+            text_scores = (feats * text.repeat_interleave(args.samples, 0)).sum(-1)
+            ref = refine_rows(pipe, tokens, cond, text_scores, args.samples, top, args.refine, seed, args.batch_size)
+            ref_scores = (pipe.clip.encode_image(ref["images"]) * text.repeat_interleave(top, 0)).sum(-1)
+            tally.seconds += ref["seconds"]
+            tally.images += len(ref["rows"])
         if args.fid:
             fake_images.append(images.cpu())
         for k, (spec, _) in enumerate(chunk):
@@ -260,16 +288,23 @@ def evaluate_shapes(pipe: TextToImage, args, weights: str | None = None, fid_fea
             scores = feats[rows] @ text[k]          # re-ranking is always by the text, as demo.py does
             judged = [judge(img) for img in images[rows]]
             verdicts = [right(spec, j, named) for j in judged]
-            top = int(scores.argmax())
+            best_row = int(scores.argmax())
             for a in named:
                 raw[a] += [v[a] for v in verdicts]
-                best[a].append(verdicts[top][a])
+                best[a].append(verdicts[best_row][a])
             raw["all"] += [all(v.values()) for v in verdicts]
-            best["all"].append(all(verdicts[top].values()))
+            best["all"].append(all(verdicts[best_row].values()))
             clip_raw += scores.tolist()
-            clip_best.append(float(scores[top]))
+            clip_best.append(float(scores[best_row]))
             for a in unnamed:
                 div[a].append(diversity(judged, a))
+            if args.refine.steps:
+                mine = slice(k * top, (k + 1) * top)
+                picked = (ref["rows"][mine] - k * args.samples).tolist()
+                tally.add([verdicts[i] for i in picked],
+                          [right(spec, judge(img), named) for img in ref["images"][mine]],
+                          scores[picked], ref_scores[mine],
+                          float((ref["tokens"][mine] != tokens[ref["rows"][mine]]).float().mean()), top)
     seconds = time.time() - t0
     result = {
         "prompts": args.prompts, "samples_per_prompt": args.samples, "named": list(named),
@@ -282,8 +317,10 @@ def evaluate_shapes(pipe: TextToImage, args, weights: str | None = None, fid_fea
         "diversity": {a: {"distinct_mean": float(np.mean([d for d, _ in v])), "distinct_min": int(min(d for d, _ in v)),
                           "of": N_VALUES[a], "entropy": float(np.mean([e for _, e in v])),
                           "distinct_per_prompt": [int(d) for d, _ in v]} for a, v in div.items()},
-        "sampling_seconds": seconds, "gpt": args.gpt, "vqgan": args.vqgan, "clip": args.clip,
+        "sampling_seconds": seconds - tally.seconds, "gpt": args.gpt, "vqgan": args.vqgan, "clip": args.clip,
     }
+    if args.refine.steps:
+        result["refine"] = tally.summary(args.refine, top, lambda v: _shares(v, named))
     n_real = len(clip_raw) if args.fd_real is None else args.fd_real
     if n_real > 1:
         real = _real_images(n_real)
@@ -294,6 +331,12 @@ def evaluate_shapes(pipe: TextToImage, args, weights: str | None = None, fid_fea
             result["fid"] = fid(torch.cat(fake_images), real, weights=weights, features=fid_features,
                                 device=pipe.device)
     return result
+
+
+def _shares(verdicts: list[dict], named) -> dict:
+    """Shapes verdicts ({attribute: right}) -> the share right per attribute and of all named at once."""
+    out = {a: float(np.mean([v[a] for v in verdicts])) for a in named}
+    return {**out, "all": float(np.mean([all(v.values()) for v in verdicts]))}
 
 
 def _real_images(n: int) -> torch.Tensor:
@@ -324,6 +367,8 @@ def markdown(r: dict) -> str:
         lines.append(f"Fréchet distance in CLIP space to {r['clip_fd_real_images']} real images: {r['clip_fd']:.4f}")
     if "fid" in r:
         lines.append(f"FID (Inception): {r['fid']:.2f}")
+    if "refine" in r:
+        lines += ["", refine_markdown(r["refine"], cols)]
     lines.append(f"{r['prompts']} prompts x {r['samples_per_prompt']} samples ({r['cond_source']} condition, "
                  f"guidance {r['cfg_scale']}) in {r['sampling_seconds']:.0f} s")
     return "\n".join(lines)

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from engine import checkpoint as ckpt
-from engine.cli import UsageError, run
+from engine.cli import Parser, UsageError, run
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a .pt checkpoint written by one of the trainers")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="floating-point storage type")

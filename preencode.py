@@ -20,7 +20,7 @@ import torch
 import datasets
 from datasets import encoded
 from engine import distributed as D
-from engine.cli import run
+from engine.cli import Parser, at_least, run
 from models.clip import load_clip
 from models.convert import load_vqgan
 
@@ -28,14 +28,14 @@ PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"} 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vqgan", required=True, help="VQGAN checkpoint (ours, CLIP-GEN or taming)")
     p.add_argument("--clip", required=True, help="CLIP: checkpoint path or open_clip NAME:TAG")
     p.add_argument("--out", required=True, help="output folder (train/ and val/ are created in it)")
     datasets.add_data_args(p)
-    p.add_argument("--shard-size", type=int, default=4096, help="items per shard")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--shard-size", type=at_least(1), default=4096, help="items per shard")
+    p.add_argument("--batch-size", type=at_least(1), default=64)
+    p.add_argument("--num-workers", type=at_least(0), default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="fp32",
                    help="autocast for the frozen networks (fp32 keeps tokens identical to on-the-fly fp32)")

@@ -34,7 +34,8 @@ from datasets.scenes import SPLIT_SEEDS
 from evaluation import scenes_eval
 from evaluation.scenes_judge import CATEGORIES
 from engine import distributed as D
-from engine.cli import UsageError, add_run_args, apply_defaults, run
+from engine.cli import (Parser, add_run_args, apply_defaults, at_least, fraction, non_negative_float,
+                        run)
 from engine.schedule import lr_at, set_lr
 from engine.trainer import Run
 from evaluation.scenes_zero_shot import SCENE_COUNTS, scene_accuracies, scene_zero_shot_counts
@@ -163,27 +164,27 @@ class WithHardNegatives(torch.utils.data.Dataset):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="shapes", help="model size and defaults")
     p.add_argument("--out-dir", default=None, help="checkpoints and logs (default runs/clip-PRESET)")
     g = p.add_argument_group("data (a synthetic world's captioned splits)")
     g.add_argument("--dataset", choices=sorted(SYNTHETIC), default=None,
                    help="shapes (one object) or scenes (1-4 objects: counts, colour binding, relations); default: "
                         "the preset's (scenes for the scenes preset, else shapes)")
-    g.add_argument("--shapes-train-size", type=int, default=50_000, help="items per training epoch (either world)")
-    g.add_argument("--shapes-val-size", type=int, default=1_000, help="held-out items for zero-shot accuracy")
+    g.add_argument("--shapes-train-size", type=at_least(1), default=50_000, help="items per training epoch (either world)")
+    g.add_argument("--shapes-val-size", type=at_least(1), default=1_000, help="held-out items for zero-shot accuracy")
     g.add_argument("--zero-shot-prompts", choices=PROMPT_STYLES, default="ensemble",
                    help="prompts whose accuracies pick best.pt (both are logged); see evaluation.zero_shot.attribute_prompts")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, help="global batch, split over processes; the contrastive loss "
+    g.add_argument("--batch-size", type=at_least(1), help="global batch, split over processes; the contrastive loss "
                                                   "sees all of it")
-    g.add_argument("--lr", type=float)
+    g.add_argument("--lr", type=non_negative_float)
     g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW, on matrices only")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off")
-    g.add_argument("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights (0 = off)")
+    g.add_argument("--warmup-steps", type=at_least(0))
+    g.add_argument("--max-steps", type=at_least(1))
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW, on matrices only")
+    g.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm, 0 = off")
+    g.add_argument("--ema-decay", type=fraction, default=0.0, help="keep an EMA of the weights (0 = off)")
     g.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=None,
                    help="scenes: each caption also brings a hard negative, the caption with one binding changed "
                         "(colours swapped, relation mirrored, a count one off, another shape or colour), an extra "
@@ -192,9 +193,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_run_args(p, val_every=250, save_every=250)
     args = p.parse_args(argv)
     apply_defaults(args, TRAIN_DEFAULTS[args.preset])
-    if args.hard_negatives and args.dataset != "scenes":
-        raise UsageError("--hard-negatives is for --dataset scenes (a Shapes caption names one object: "
-                         "nothing to bind)")
+    if args.hard_negatives and args.dataset != "scenes":  # p.error: one line, here outside engine.cli.run
+        p.error("--hard-negatives is for --dataset scenes (a Shapes caption names one object: nothing to bind)")
     args.out_dir = args.out_dir or f"runs/clip-{args.preset}"
     return args
 

@@ -28,7 +28,8 @@ from datasets.encoded import EncodedShards, check_models
 from engine import checkpoint as ckpt
 from engine import distributed as D
 from engine import fsdp as FS
-from engine.cli import UsageError, add_run_args, run
+from engine.cli import (Parser, UsageError, add_run_args, at_least, fraction, non_negative_float,
+                        run)
 from engine.schedule import lr_at, set_lr
 from engine.trainer import NonFiniteGuard, Run
 from models.clip import load_clip
@@ -41,32 +42,32 @@ DEFAULT_PROMPTS = ["a red circle in the top left", "a blue square at the bottom"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vqgan", required=True, help="frozen VQGAN checkpoint (ours, CLIP-GEN or taming)")
     p.add_argument("--clip", required=True, help="frozen CLIP: checkpoint path or open_clip NAME:TAG")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="GPT size")
-    p.add_argument("--n-prefix", type=int, default=1, help="prefix tokens the CLIP embedding becomes")
-    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--n-prefix", type=at_least(1), default=1, help="prefix tokens the CLIP embedding becomes")
+    p.add_argument("--dropout", type=fraction, default=None, help="override the preset's dropout")
     p.add_argument("--out-dir", default=None, help="default runs/gpt-PRESET")
     p.add_argument("--shards", default=None, help="pre-encoded folder (OUT of preencode.py: train/, val/)")
     datasets.add_data_args(p)
     g = p.add_argument_group("conditioning")
     g.add_argument("--cond", choices=["image", "text"], default="image",
                    help="image: language-free (CLIP image embedding); text: caption embedding (comparison)")
-    g.add_argument("--embed-noise", type=float, default=0.0, help="std of noise on the normalised embedding")
-    g.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null condition (CFG)")
+    g.add_argument("--embed-noise", type=non_negative_float, default=0.0, help="std of noise on the normalised embedding")
+    g.add_argument("--cond-drop", type=fraction, default=0.1, help="probability of the null condition (CFG)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=64, help="global batch, split over processes")
-    g.add_argument("--lr", type=float, default=6e-4)
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--warmup-steps", type=int, default=200)
-    g.add_argument("--max-steps", type=int, default=5000)
-    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--batch-size", type=at_least(1), default=64, help="global batch, split over processes")
+    g.add_argument("--lr", type=non_negative_float, default=6e-4)
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.1)
+    g.add_argument("--warmup-steps", type=at_least(0), default=200)
+    g.add_argument("--max-steps", type=at_least(1), default=5000)
+    g.add_argument("--grad-clip", type=non_negative_float, default=1.0)
     g.add_argument("--strategy", choices=FS.STRATEGIES, default="ddp",
                    help="with several processes: ddp (a full copy per rank) or fsdp (parameters, gradients and "
                         "optimizer state sharded over the ranks; checkpoints are the same full state dicts)")
-    g.add_argument("--ema-decay", type=float, default=0.999, help="0 = no EMA")
-    g.add_argument("--max-nonfinite", type=int, default=10,
+    g.add_argument("--ema-decay", type=fraction, default=0.999, help="0 = no EMA")
+    g.add_argument("--max-nonfinite", type=at_least(1), default=10,
                    help="stop after this many non-finite losses in a row (their updates are skipped); under "
                         "--precision fp16, steps whose gradients overflow are the loss scaler's to skip and do "
                         "not count")
@@ -75,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                "codes, token count and condition width match --vqgan and --clip (--preset and "
                                "--n-prefix do not apply; --dropout does; --cond-drop > 0 trains its null condition)",
                      compiles="the training forward", val_batches=True)
-    g.add_argument("--sample-every", type=int, default=1000, help="sample grid cadence (0 = only at the end)")
+    g.add_argument("--sample-every", type=at_least(0), default=1000, help="sample grid cadence (0 = only at the end)")
     g.add_argument("--prompts", nargs="*", default=DEFAULT_PROMPTS, help="text prompts for sample grids")
     g.add_argument("--sample-cfg", type=float, default=1.0, help="guidance scale for sample grids")
     args = p.parse_args(argv)

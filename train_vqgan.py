@@ -19,7 +19,8 @@ from torchvision.utils import make_grid, save_image
 
 import datasets
 from engine import distributed as D
-from engine.cli import UsageError, add_run_args, apply_defaults, run
+from engine.cli import (Parser, UsageError, add_run_args, apply_defaults, at_least, fraction, non_negative_float,
+                        run)
 from engine.schedule import lr_at, set_lr
 from engine.trainer import RankCount, Run
 from models.convert import load_vqgan
@@ -38,31 +39,31 @@ TRAIN_DEFAULTS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="shapes", help="model size and defaults")
     p.add_argument("--out-dir", default=None, help="checkpoints, logs, grids (default runs/vqgan-PRESET)")
     datasets.add_data_args(p)
     g = p.add_argument_group("model (overrides of the preset)")
-    g.add_argument("--n-codes", type=int)
-    g.add_argument("--embed-dim", type=int, help="code vector width")
+    g.add_argument("--n-codes", type=at_least(1))
+    g.add_argument("--embed-dim", type=at_least(1), help="code vector width")
     g.add_argument("--l2-codes", action=argparse.BooleanOptionalAction, default=None,
                    help="l2-normalised code lookup")
-    g.add_argument("--restart-threshold", type=float, help="re-seed codes used less than this per batch")
+    g.add_argument("--restart-threshold", type=non_negative_float, help="re-seed codes used less than this per batch")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, help="global batch, split over processes")
-    g.add_argument("--lr", type=float)
+    g.add_argument("--batch-size", type=at_least(1), help="global batch, split over processes")
+    g.add_argument("--lr", type=non_negative_float)
     g.add_argument("--lr-schedule", choices=["constant", "cosine"])
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off")
-    g.add_argument("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights (0 = off)")
+    g.add_argument("--warmup-steps", type=at_least(0))
+    g.add_argument("--max-steps", type=at_least(1))
+    g.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm, 0 = off")
+    g.add_argument("--ema-decay", type=fraction, default=0.0, help="keep an EMA of the weights (0 = off)")
     g = p.add_argument_group("losses")
     g.add_argument("--pixel-loss", choices=["l1", "l2", "l1+l2"])
-    g.add_argument("--perceptual-weight", type=float, help="LPIPS weight (needs VGG16 weights)")
+    g.add_argument("--perceptual-weight", type=non_negative_float, help="LPIPS weight (needs VGG16 weights)")
     g.add_argument("--lpips-vgg", default=None, help="path to torchvision's vgg16-397923af.pth")
-    g.add_argument("--codebook-weight", type=float, default=1.0)
-    g.add_argument("--disc-weight", type=float, help="GAN weight, 0 = no discriminator")
-    g.add_argument("--disc-start", type=int, help="step at which the discriminator switches on")
+    g.add_argument("--codebook-weight", type=non_negative_float, default=1.0)
+    g.add_argument("--disc-weight", type=non_negative_float, help="GAN weight, 0 = no discriminator")
+    g.add_argument("--disc-start", type=at_least(0), help="step at which the discriminator switches on")
     g = add_run_args(p, val_every=500, save_every=500,
                      init_from="a train_vqgan.py checkpoint, an exported .safetensors, a CLIP-GEN vqgan_*.pt or a "
                                "taming-transformers .ckpt (--n-codes, --embed-dim, --l2-codes cannot change it; "

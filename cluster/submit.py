@@ -399,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as cluster.submit, not __main__, so the pickled TrainerJob names an importable class.
+    # Run as cluster.submit, not __main__, so the pickled TrainerJob names an importable class. Started as
+    # `python cluster/submit.py`, Python puts cluster/ on the path, not the repository: put it there.
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
     from cluster import submit
 
     sys.exit(submit.main())

@@ -28,6 +28,7 @@ from datasets.shapes import ShapesDataset
 from datasets.streaming import StreamingShards
 from datasets.tarshards import TarShards, expand_shards
 from datasets.transforms import EvalTransform, TrainTransform, unpack_key
+from engine.cli import at_least
 
 __all__ = [
     "CocoCaptions", "CorruptImageWarning", "DataError", "EvalTransform", "ImageFolder", "SYNTHETIC", "ScenesDataset",
@@ -53,9 +54,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--val-coco-annotations", help="captions_*.json for the validation images "
                                                       "(found in --val-data-path, else --data-path)")
     # One set of flags for both synthetic worlds (--dataset shapes or scenes).
-    group.add_argument("--shapes-train-size", type=int, default=50_000,
+    group.add_argument("--shapes-train-size", type=at_least(1), default=50_000,
                        help="items per training epoch of --dataset shapes or scenes")
-    group.add_argument("--shapes-val-size", type=int, default=1_000,
+    group.add_argument("--shapes-val-size", type=at_least(1), default=1_000,
                        help="validation items of --dataset shapes or scenes")
     group.add_argument("--shapes-split", choices=["unlabeled", "captioned"], default="unlabeled",
                        help="splits of --dataset shapes or scenes: unlabeled (images only: VQGAN, GPT) or "
@@ -64,7 +65,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="--dataset tar, training only: stream the shards instead of indexing them, split by "
                             "whole shards over processes and data workers; validation reads --val-data-path, "
                             "else --val-fraction of the shards (whole shards) held out")
-    group.add_argument("--shuffle-buffer", type=int, default=1000,
+    group.add_argument("--shuffle-buffer", type=at_least(0), default=1000,
                        help="--stream: samples shuffled within each shard (0: tar order)")
 
 

@@ -130,15 +130,53 @@ def check_models(vqgan, clip, *sets: "EncodedShards") -> None:
                     f"--overwrite with this --{name}, or pass the {_LABEL[name]} the shards were made with")
 
 
+# What readers take from meta.json, each a whole number of at least this (train_gpt.py compares the last three
+# with its VQGAN and CLIP).
+_META_COUNTS = {"n_shards": 1, "n_items": 1, "n_codes": 1, "grid_size": 1, "embed_dim": 1}
+
+
 def read_meta(folder: str | os.PathLike) -> dict:
+    """meta.json, checked: DataError (one line) when it is missing, unparsable or lacks what readers need."""
     path = Path(folder) / META
     if not path.is_file():
         raise DataError(f"{folder} holds no complete pre-encoded set ({META} missing): run preencode.py "
                         "to the end first")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
+    redo = "re-run preencode.py with --overwrite"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"cannot read {path} ({type(e).__name__}): {redo}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DataError(f"{path} is not a {FORMAT} folder")
+    for key, low in _META_COUNTS.items():
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise DataError(f"{path}: '{key}' is {'missing' if value is None else repr(value)[:40]}, not a whole "
+                            f"number >= {low}: {redo}")
+    if "models" in meta and not _models_ok(meta["models"]):
+        raise DataError(f"{path}: its 'models' record is incomplete: {redo}")
     return meta
+
+
+def _models_ok(models) -> bool:
+    """models_record's shape: {"vqgan": {"fingerprint", "source"}, "clip": {...}, "precision"}."""
+    return (isinstance(models, dict) and "precision" in models
+            and all(isinstance(models.get(n), dict) and isinstance(models[n].get("fingerprint"), str)
+                    and "source" in models[n] for n in _LABEL))
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """A shard's tensors; DataError for an empty, truncated or foreign file."""
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {str(e).strip()[:120]}): re-run preencode.py "
+                        "with --overwrite") from None
+    missing = [n for n in ("tokens", "image_embed", "index") if n not in tensors]
+    if missing:
+        raise DataError(f"{path} has no {missing[0]!r} tensor: it is not a preencode.py shard; re-run "
+                        "preencode.py with --overwrite")
+    return tensors
 
 
 class EncodedShards(Dataset):
@@ -155,8 +193,16 @@ class EncodedShards(Dataset):
             path = self.folder / shard_name(k)
             if not path.is_file():
                 raise DataError(f"{path} is missing although {META} lists it; re-run preencode.py")
-            parts.append(load_file(path))
-        self.tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+            parts.append(load_shard(path))
+        try:
+            self.tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        except (KeyError, RuntimeError) as e:  # a tensor missing from one shard, or of another width
+            raise DataError(f"{self.folder}: its shards do not fit together ({type(e).__name__}: "
+                            f"{str(e).strip()[:120]}): re-run preencode.py with --overwrite") from None
+        lengths = {name: len(t) for name, t in self.tensors.items()}
+        if len(set(lengths.values())) != 1:
+            raise DataError(f"{self.folder}: its shards hold tensors of different lengths {lengths}: re-run "
+                            "preencode.py with --overwrite")
         if len(self.tensors["index"]) != self.meta["n_items"]:
             raise DataError(f"{self.folder}: shards hold {len(self.tensors['index'])} items, "
                             f"{META} says {self.meta['n_items']}")

@@ -9,7 +9,6 @@ trainer can sum the count across DataLoader workers and log it.
 from __future__ import annotations
 
 import copy
-import io
 import os
 import warnings
 from typing import Any, Callable, Sequence
@@ -20,7 +19,8 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from datasets.transforms import unpack_key
-from engine.errors import DataError  # noqa: F401  (the engine's, which its loaders raise too; datasets' own)
+from engine.errors import DataError  # the engine's, which its loaders raise too; datasets' own
+from engine.images import decode_rgb
 
 # Truncated files must raise instead of decoding to a half-grey image that would silently enter training.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -53,16 +53,10 @@ def one_line(error: BaseException | None) -> str:
 
 
 def load_rgb(source: str | os.PathLike | bytes) -> Image.Image:
-    """Fully decode an image file (a path, or the file's bytes) to RGB; raises on any corrupt or truncated file."""
-    fp = io.BytesIO(source) if isinstance(source, bytes) else source
-    with Image.open(fp) as img:
-        img.load()  # decode now, inside the caller's try, so truncation raises here and not later
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            # Transparent pixels often hold black; show them over white as a viewer would.
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return img.convert("RGB")
+    """Fully decode an image file (a path, or the file's bytes) to RGB as a viewer shows it (EXIF orientation,
+    16-bit and float pixels by their real range: engine.images.decode_rgb); raises on any corrupt or
+    truncated file."""
+    return decode_rgb(source)
 
 
 def encode_names(names: Sequence[str]) -> np.ndarray:
@@ -131,5 +125,6 @@ class RobustImageDataset(Dataset):
                 continue
             # The transform runs outside the try: a bug there must raise, not be mistaken for a bad file.
             return {"image": self.transform(image, seed), "index": i, "skipped": skipped, **extras}
-        raise RuntimeError(f"{attempts} consecutive unreadable images from index {index} of {n} in {self.root} "
-                           f"(last error: {one_line(last_error)}); is the data corrupt?")
+        # The data's fault, not a bug: one line for the user (a DataError, not a traceback).
+        raise DataError(f"{attempts} consecutive unreadable images from index {index} of {n} in {self.root} "
+                        f"(last error: {one_line(last_error)}); is the data corrupt?")

@@ -294,8 +294,8 @@ class StreamingShards(torch.utils.data.IterableDataset):
                         **extras}
         finally:
             candidates.close()
-        raise RuntimeError(f"no readable image in {MAX_ATTEMPTS} samples from {self.describe(shard, raw[1])} "
-                           f"on (last error: {one_line(last_error)}); is the data corrupt?")
+        raise DataError(f"no readable image in {MAX_ATTEMPTS} samples from {self.describe(shard, raw[1])} "
+                        f"on (last error: {one_line(last_error)}); is the data corrupt?")
 
     def _decode(self, parts: dict[str, bytes]) -> tuple[Image.Image, dict[str, Any]]:
         image = load_rgb(next(parts[e] for e in IMAGE_EXTENSIONS if e in parts))

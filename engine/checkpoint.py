@@ -6,10 +6,13 @@ weights_only=True: a checkpoint is data, never code.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import os
 import random
 import re
+import socket
 import tempfile
 from pathlib import Path
 
@@ -17,11 +20,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.errors import UserError
+from engine.errors import UsageError, UserError
 
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint a user pointed at cannot be used; the message is one line that says what to do."""
+
+
+class DiskFullError(UserError):
+    """A file could not be written for lack of space (or quota); the previous version of it is kept."""
+
+
+# The disk's fault, not the program's: said in one line (their strerror), the previous file kept.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def first_line(e: BaseException) -> str:
+    """`Type: first line of the message` (an exception may have an empty message: EOFError of a 0-byte file)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 _PROC_STATUS = "/proc/self/status"  # Linux >= 4.7 reports the umask here ("Umask:\t0022")
@@ -48,6 +65,19 @@ def process_umask(folder: str | os.PathLike) -> int:
         os.unlink(probe)
 
 
+def _no_space(e: BaseException) -> int | None:
+    """ENOSPC/EDQUOT when an OSError of them is anywhere in e's chain, else None: torch.save reports a failed
+    write as a RuntimeError ("unexpected pos") whose context is the OSError, or the file's close raises
+    the OSError with the RuntimeError as its context."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return e.errno
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`: a crash
     leaves the previous file in place and no temporary behind."""
@@ -61,9 +91,12 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~process_umask(path.parent))  # what open() would give; mkstemp's are 0o600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if (code := _no_space(e)) is not None:
+            raise DiskFullError(f"cannot write {path}: {os.strerror(code)} (the previous {path.name} is kept); "
+                                "free some space and run again") from None
         raise
 
 
@@ -82,7 +115,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e)}") from None
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
@@ -141,6 +174,49 @@ def _as_tuples(x):
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+LOCK_NAME = ".run.lock"  # in the output folder: held by the run writing there (OutDirLock)
+
+
+class OutDirLock:
+    """An exclusive lock on an output folder for the life of a run: two trainers on one folder would replace
+    each other's latest.pt and best.pt. fcntl.flock on OUT/.run.lock, which the kernel releases when the
+    process ends however it ends (a SIGKILL'd or crashed run leaves nothing held); the file keeps the
+    holder's PID and host for the refusal message. The file itself is never removed: a run that opened it
+    before the removal would lock a file no later run sees."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> "OutDirLock":
+        """Create the folder and take the lock; UsageError (one line) when the folder cannot be one or
+        cannot be written, or another run holds it."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UsageError(f"--out-dir {self.folder} is a file, not a folder: pass a folder")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:  # read-only, no permission, a file on the path
+            raise UsageError(f"cannot write to --out-dir {self.folder}: {e.strerror or first_line(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "PID unknown"
+            os.close(fd)
+            raise UsageError(f"--out-dir {self.folder} is in use by another run ({holder}): wait for it to end, "
+                             "stop it, or pass another --out-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
+
+
 class CheckpointManager:
     """latest.pt after every save, best.pt when the tracked metric improves, step_NNNNNNN.pt every
     `keep_every` steps (the `keep_last` newest of them are kept)."""
@@ -148,6 +224,7 @@ class CheckpointManager:
     def __init__(self, out_dir: str | os.PathLike, keep_last: int = 3):
         self.dir = Path(out_dir)
         self.keep_last = keep_last
+        self.fallback_note: str | None = None  # set when --resume auto fell back from latest.pt (load_resume)
 
     @property
     def latest(self) -> Path:
@@ -166,21 +243,57 @@ class CheckpointManager:
             self._prune()
 
     def _prune(self) -> None:
-        olds = sorted(p for p in self.dir.glob("step_*.pt") if re.fullmatch(r"step_\d+\.pt", p.name))
+        olds = self.step_files()
         for p in olds[: max(0, len(olds) - self.keep_last)]:
             p.unlink(missing_ok=True)
 
+    def step_files(self) -> list[Path]:
+        """The folder's step_N.pt, oldest first."""
+        return sorted(p for p in self.dir.glob("step_*.pt") if re.fullmatch(r"step_\d+\.pt", p.name))
+
+    def remove_stale_temps(self) -> tuple[int, int]:
+        """Delete the temporaries (atomic_write's `.NAME.*.tmp`) that a killed run left: on a preemptible
+        cluster they would fill the disk. Only under this folder's OutDirLock: another run's are live.
+        Returns (files, bytes) removed."""
+        n = size = 0
+        for p in self.dir.glob(".*.tmp"):
+            try:
+                size += p.stat().st_size
+                p.unlink()
+                n += 1
+            except FileNotFoundError:
+                pass
+        return n, size
+
     def load_resume(self, resume: str | None, kind: str) -> dict | None:
         """The training state to continue from (--resume PATH|auto), or None; refuses a checkpoint of
-        another kind or one without optimizer state (an exported model, say)."""
+        another kind or one without optimizer state (an exported model, say). With auto (or a restart), an
+        unreadable latest.pt falls back to the newest readable step_N.pt and says so in fallback_note."""
         path = self.resolve(resume)
         if path is None:
             return None
-        state = load(path)
-        if state.get("kind") != kind or not any(k.startswith("opt") for k in state):
-            raise CheckpointError(f"{path} is a {state.get('kind', 'foreign')} checkpoint, not a "
-                                  f"{kind.upper()} training checkpoint")
+        try:
+            state = load(path)
+        except CheckpointError as e:
+            if resume not in (None, "auto"):  # a path the user named: that one or nothing
+                raise
+            path, state = self._fallback(e)
+        if not isinstance(state, dict) or state.get("kind") != kind or not any(k.startswith("opt") for k in state):
+            what = state.get("kind", "foreign") if isinstance(state, dict) else "foreign"
+            raise CheckpointError(f"{path} is a {what} checkpoint, not a {kind.upper()} training checkpoint")
         return state
+
+    def _fallback(self, error: CheckpointError) -> tuple[Path, dict]:
+        """The newest step_N.pt that loads, after latest.pt failed to (a truncated copy, a bad disk)."""
+        for p in reversed(self.step_files()):
+            try:
+                state = load(p)
+            except CheckpointError:
+                continue
+            self.fallback_note = f"{self.latest.name} is unreadable ({error}); resuming from {p.name} instead"
+            return p, state
+        raise CheckpointError(f"{error}; no step_*.pt in {self.dir} is readable either: fix or remove "
+                              f"{self.latest.name}, or start afresh in another --out-dir") from None
 
     def resolve(self, resume: str | None) -> Path | None:
         """--resume auto: latest.pt in the output folder if there is one; else the given path. A process an
@@ -217,8 +330,6 @@ def save_weights(path: str | os.PathLike, kind: str, config: dict, state_dict: d
 
 def read_weights(path: str | os.PathLike, map_location="cpu") -> dict:
     """{'kind', 'config', 'model', **extra} from a save_weights file; CheckpointError (one line) otherwise."""
-    import json
-
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -236,9 +347,20 @@ def read_weights(path: str | os.PathLike, map_location="cpu") -> dict:
     if "config" not in meta:
         raise CheckpointError(f"{path}: safetensors file has no 'config' metadata; write it with "
                               "export.py (or engine.checkpoint.save_weights)")
+    config, extra = _json_object(path, meta, "config", None), _json_object(path, meta, "extra", "{}")
+    return {**extra, "kind": meta.get("kind"), "config": config, "model": tensors}
+
+
+def _json_object(path: Path, meta: dict, key: str, default: str | None) -> dict:
+    """meta[key] parsed as a JSON object; CheckpointError for anything else (another JSON value, text that
+    is not JSON, nesting deep enough to exhaust the parser's recursion)."""
+    import json
+
     try:
-        out = {**json.loads(meta.get("extra", "{}")), "kind": meta.get("kind"), "config": json.loads(meta["config"]),
-               "model": tensors}
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: unreadable metadata ({e})") from None
-    return out
+        value = json.loads(meta.get(key, default))
+    except (json.JSONDecodeError, RecursionError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable '{key}' metadata ({first_line(e)[:200]})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: its '{key}' metadata is a JSON {type(value).__name__}, not an object; "
+                              "write the file with export.py (or engine.checkpoint.save_weights)")
+    return value

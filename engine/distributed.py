@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.errors import UsageError
+
 
 @dataclass
 class DistEnv:
@@ -42,6 +44,28 @@ def pick_device(requested: str | None, local_rank: int = 0) -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+TRAINING_DEVICES = ("cpu", "cuda", "mps")
+
+
+def checked_device(requested: str | None, local_rank: int = 0) -> torch.device:
+    """pick_device, refusing (one-line UsageError) a --device that is no device, one this machine does not
+    have (CUDA without a GPU, a GPU index past the last, MPS off a Mac) or one nothing can train on (meta)."""
+    try:
+        device = pick_device(requested, local_rank)
+    except RuntimeError:  # torch.device's "Expected one of cpu, cuda, ..."
+        raise UsageError(f"--device {requested} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in TRAINING_DEVICES:
+        raise UsageError(f"--device {requested}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {requested}: CUDA is not available here; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {requested}: MPS is not available here; use --device cpu (or auto)")
+    return device
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -84,7 +108,7 @@ def setup(requested_device: str | None = None) -> DistEnv:
     if found.distributed:
         L.export_env(found)  # Slurm's variables as torchrun's, for the env:// rendezvous
     world_size, rank, local_rank = found.world_size, found.rank, found.local_rank
-    device = pick_device(requested_device, local_rank)
+    device = checked_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.errors import DataError
+
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_000_003 + index) % (2**62)
@@ -21,7 +23,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
         if n_items < global_batch:
-            raise ValueError(f"the dataset has {n_items} items, fewer than one batch of {global_batch}")
+            raise DataError(f"the dataset has {n_items} items, fewer than one batch of {global_batch}: lower "
+                            "--batch-size or add data")
         self.n, self.G, self.rank, self.world = n_items, global_batch, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.start_step = 0  # global step of the first batch the next iterator yields

@@ -16,6 +16,7 @@ run that starts afresh reads --init-from (run.init_from), so a requeued fine-tun
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -125,10 +126,12 @@ class Run:
         self.env = env = D.setup(args.device)
         D.seed_everything(args.seed, env.rank)
         self.out = Path(args.out_dir)
-        if env.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
         self.manager = ckpt.CheckpointManager(self.out)
+        self.lock, self.stale = self.take_out_dir()
         self.state = self.manager.load_resume(args.resume, kind)
+        if self.manager.fallback_note and env.is_main:
+            print(f"warning: {self.manager.fallback_note}", file=sys.stderr, flush=True)
+        self.check_max_steps()
         if args.batch_size % env.world_size:
             raise UsageError(f"--batch-size {args.batch_size} is not divisible by {env.world_size} processes")
         sharded = getattr(args, "strategy", "ddp") == "fsdp" and env.distributed
@@ -146,6 +149,31 @@ class Run:
         self.log: Logger | None = None
         self.stop: StopRequest | None = None
         self.stopped = False
+
+    def take_out_dir(self) -> tuple[ckpt.OutDirLock | None, tuple[int, int]]:
+        """Rank 0 locks the output folder for the life of the run (refused, on every rank, while another run
+        holds it) and then removes the temporaries a killed run left there. Returns (lock, (files, bytes)
+        removed)."""
+        refused: UsageError | None = None
+        lock, stale = None, (0, 0)
+        if self.env.is_main:
+            try:
+                lock = ckpt.OutDirLock(self.out).acquire()
+            except UsageError as e:
+                refused = e
+            else:
+                stale = self.manager.remove_stale_temps()
+        if D.any_rank(refused is not None, self.env.device):  # every rank stops, not only rank 0
+            raise refused or UsageError(f"rank 0 cannot use --out-dir {self.out} (its error says why)")
+        return lock, stale
+
+    def check_max_steps(self) -> None:
+        """A checkpoint past --max-steps cannot be rewound: refused. One at it is a finished run (a stage of
+        scripts/*.sh re-run, a requeue after the last save): start() says there is nothing to train."""
+        if self.state and self.state["step"] > self.args.max_steps:
+            raise UsageError(f"the checkpoint to resume is at step {self.state['step']}, past --max-steps "
+                             f"{self.args.max_steps}: pass a --max-steps above {self.state['step']} to train on, "
+                             "or another --out-dir to start afresh")
 
     def resumed(self, key: str, default):
         """The checkpoint's value of `key` when resuming, else `default`."""
@@ -199,10 +227,18 @@ class Run:
             where = f"resuming at step {self.step}"
             if self.ignored_init:
                 where += f" (--init-from {self.ignored_init} ignored: a resumed run continues its checkpoint)"
+            if self.manager.fallback_note:
+                where += f" ({self.manager.fallback_note})"
         else:
             where = f"fine-tuning {self.init_from}" if self.init_from else "from scratch"
         self.log.print(f"{header} | {env.world_size} process(es){note} on {env.device}{self.precision.label} | "
                        f"{where} | out {self.out}")
+        if self.stale[0]:
+            self.log.print(f"removed {self.stale[0]} temporary file(s) ({self.stale[1] / 2**20:.1f} MiB) that a "
+                           f"killed run left in {self.out}")
+        if self.step >= a.max_steps:
+            self.log.print(f"nothing to train: the run is already at step {self.step} of --max-steps "
+                           f"{a.max_steps}; pass a larger --max-steps to train on")
         self.stop = StopRequest()
         self.t_start = self.t_log = time.time()
         self.items_since_log = 0
@@ -268,3 +304,5 @@ class Run:
         self.log.close()
         self.stop.restore()
         D.cleanup()
+        if self.lock is not None:
+            self.lock.release()

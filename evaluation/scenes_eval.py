@@ -28,6 +28,7 @@ import torch
 
 from datasets import scenes
 from datasets.scenes import COLORS, RELATIONS, SHAPES, SceneObject
+from evaluation.refined import RefineTally, refine_markdown, refine_rows
 from evaluation.scenes_judge import CATEGORIES, Query, find_objects, right
 
 CATEGORY_NAMES = {"single": "single", "two_objects": "two objects", "counting": "counting",
@@ -215,29 +216,47 @@ def evaluate_scenes(pipe, args) -> dict:
     cells: dict[str, list[int]] = {c: [] for c in CATEGORIES}
     clip_raw, clip_best, gap = [], [], []
     per_batch = max(1, args.batch_size // args.samples)   # prompts sampled together
+    refine_cfg = getattr(args, "refine", None)
+    refining = refine_cfg is not None and refine_cfg.steps > 0
+    top = getattr(args, "refine_top", None) or args.samples
+    tally = RefineTally()
     t0 = time.time()
     for start in range(0, len(prompts), per_batch):
         chunk = prompts[start:start + per_batch]
         text = pipe.clip.encode_text([p.text for p in chunk])                          # (p, D)
         rendered = pipe.clip.encode_image(render_batch([p.scene for p in chunk]).to(pipe.device))  # (p, D)
         gap += (text * rendered).sum(-1).tolist()
-        cond = rendered if args.cond_source == "image" else text
-        images, _ = pipe.sample_conds(cond.repeat_interleave(args.samples, 0), temperature=args.temperature,
-                                      top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
-                                      seed=args.seed * 100_003 + start, batch_size=args.batch_size)
+        cond = (rendered if args.cond_source == "image" else text).repeat_interleave(args.samples, 0)
+        seed = args.seed * 100_003 + start
+        images, tokens = pipe.sample_conds(cond, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                           cfg_scale=args.cfg_scale, seed=seed, batch_size=args.batch_size)
         feats = pipe.clip.encode_image(images)                                          # (p * S, D)
         images = images.cpu()                                                           # the judge reads numpy
+        if refining:
+            text_scores = (feats * text.repeat_interleave(args.samples, 0)).sum(-1)
+            ref = refine_rows(pipe, tokens, cond, text_scores, args.samples, top, refine_cfg, seed, args.batch_size)
+            ref_scores = (pipe.clip.encode_image(ref["images"]) * text.repeat_interleave(top, 0)).sum(-1)
+            ref_images = ref["images"].cpu()
+            tally.seconds += ref["seconds"]
+            tally.images += len(ref["rows"])
         for k, p in enumerate(chunk):
             rows = slice(k * args.samples, (k + 1) * args.samples)
             scores = feats[rows] @ text[k]          # re-ranking is always by the text, as demo.py does
             judged = [find_objects(img) for img in images[rows]]
             verdicts = [right(p.query, objs) for objs in judged]
-            top = int(scores.argmax())
+            best_row = int(scores.argmax())
             raw[p.category] += verdicts
-            best[p.category].append(verdicts[top])
+            best[p.category].append(verdicts[best_row])
             cells[p.category].append(distinct_cells(judged))
             clip_raw += scores.tolist()
-            clip_best.append(float(scores[top]))
+            clip_best.append(float(scores[best_row]))
+            if refining:
+                mine = slice(k * top, (k + 1) * top)
+                picked = (ref["rows"][mine] - k * args.samples).tolist()
+                tally.add([(p.category, verdicts[i]) for i in picked],
+                          [(p.category, right(p.query, find_objects(img))) for img in ref_images[mine]],
+                          scores[picked], ref_scores[mine],
+                          float((ref["tokens"][mine] != tokens[ref["rows"][mine]]).float().mean()), top)
     seconds = time.time() - t0
 
     def shares(v: dict) -> dict:
@@ -245,7 +264,7 @@ def evaluate_scenes(pipe, args) -> dict:
         return {**out, "overall": float(np.mean(list(out.values())))}
 
     every = [d for c in CATEGORIES for d in cells[c]]
-    return {
+    result = {
         "world": "scenes", "prompts_per_category": args.prompts, "samples_per_prompt": args.samples,
         "cond_source": args.cond_source, "cfg_scale": args.cfg_scale, "top_k": args.top_k, "top_p": args.top_p,
         "temperature": args.temperature, "seed": args.seed, "ema": not args.no_ema,
@@ -256,8 +275,14 @@ def evaluate_scenes(pipe, args) -> dict:
         "diversity": {"cells": {"distinct_mean": float(np.mean(every)), "distinct_min": int(min(every)),
                                 "of": N_CELLS, "per_category": {c: float(np.mean(cells[c])) for c in CATEGORIES},
                                 "distinct_per_prompt": every}},
-        "sampling_seconds": seconds, "gpt": args.gpt, "vqgan": args.vqgan, "clip": args.clip,
+        "sampling_seconds": seconds - tally.seconds, "gpt": args.gpt, "vqgan": args.vqgan, "clip": args.clip,
     }
+    if refining:
+        def by_category(pairs: list) -> dict:
+            return shares({c: [ok for cat, ok in pairs if cat == c] for c in CATEGORIES})
+
+        result["refine"] = tally.summary(refine_cfg, top, by_category)
+    return result
 
 
 def markdown(r: dict) -> str:
@@ -279,4 +304,6 @@ def markdown(r: dict) -> str:
                  "and the image embedding of a render that satisfies it")
     lines.append(f"{r['prompts_per_category']} prompts per category x {r['samples_per_prompt']} samples "
                  f"({r['cond_source']} condition, guidance {r['cfg_scale']}) in {r['sampling_seconds']:.0f} s")
+    if "refine" in r:
+        lines += ["", refine_markdown(r["refine"], cols, names)]
     return "\n".join(lines)

@@ -322,5 +322,18 @@ def from_checkpoint(state: dict, source: str = "") -> CLIP:
         model.load_state_dict(state.get("ema") or state["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{source or 'checkpoint'} is a broken CLIP checkpoint ({_first_line(e)})") from None
-    pp = state.get("preprocess", DEFAULT_PREPROCESS)
+    pp = _preprocess(state.get("preprocess", DEFAULT_PREPROCESS), source)
     return CLIP(model, tokenizer_for(config), pp["mean"], pp["std"], source=source)
+
+
+def _preprocess(pp, source: str) -> dict:
+    """A checkpoint's pixel normalisation, checked: {'mean': 3 numbers, 'std': 3 non-zero numbers}."""
+    def three(key: str) -> bool:
+        v = pp.get(key) if isinstance(pp, dict) else None
+        return (isinstance(v, (list, tuple)) and len(v) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
+
+    if not (three("mean") and three("std")) or 0 in pp["std"]:
+        raise CheckpointError(f"{source or 'checkpoint'} has a broken 'preprocess' entry ({str(pp)[:80]}): "
+                              "expected {'mean': [3 numbers], 'std': [3 non-zero numbers]}")
+    return pp

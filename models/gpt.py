@@ -259,6 +259,13 @@ class GPT(nn.Module):
         first = max(self.cfg.n_prefix - 1 - start, 0)
         return self.head(self.ln_f(x[:, first:]))                         # (B, T_out, vocab)
 
+    @torch.no_grad()
+    def log_prob(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """tokens (B, n_tokens), cond (B, cond_dim) -> (B,) mean log-likelihood per token under the model
+        (one teacher-forced forward): how much a grid looks like what the prior would draw for cond."""
+        logits = self(tokens, cond.to(next(self.parameters()).dtype)).float()  # (B, n_tokens, vocab)
+        return F.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1).mean(1)
+
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         cfg = self.cfg
         return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.n_positions,

@@ -39,15 +39,35 @@ def build_lpips(vgg_path: str | None = None) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lpips passes torchvision's deprecated `pretrained=` argument
         model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
-    state = torch.load(found, map_location="cpu", weights_only=True)
-    # lpips splits vgg16.features into five slices that keep the torchvision layer numbers as names.
-    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-    mapped = {}
-    for name in model.net.state_dict():
-        slice_name, idx, param = name.split(".")
-        mapped[name] = features[f"{idx}.{param}"]
-    model.net.load_state_dict(mapped, strict=True)
+    model.net.load_state_dict(_vgg_features(found, model.net.state_dict()), strict=True)
     return model.eval().requires_grad_(False)
+
+
+def _vgg_features(path: Path, wanted: dict) -> dict:
+    """lpips' VGG slices' state dict from torchvision's VGG16 file; MissingWeightsError (one line) when the
+    file is not that (unreadable, another network, other shapes)."""
+    from engine.checkpoint import CheckpointError, load
+
+    def refuse(why: str) -> MissingWeightsError:
+        return MissingWeightsError(f"{path} is not torchvision's VGG16 weights ({VGG16_FILE}): {why}; pass the "
+                                   "right file with --lpips-vgg, or train without LPIPS with --perceptual-weight 0")
+
+    try:
+        state = load(path)
+    except CheckpointError as e:
+        raise refuse(str(e)) from None
+    if not isinstance(state, dict):
+        raise refuse(f"it holds a {type(state).__name__}, not a state dict")
+    # lpips splits vgg16.features into five slices that keep the torchvision layer numbers as names.
+    features = {k[len("features."):]: v for k, v in state.items() if isinstance(k, str) and k.startswith("features.")}
+    mapped = {}
+    for name, like in wanted.items():
+        _, idx, param = name.split(".")
+        value = features.get(f"{idx}.{param}")
+        if not torch.is_tensor(value) or value.shape != like.shape:
+            raise refuse(f"features.{idx}.{param} is {'missing' if value is None else 'of another shape'}")
+        mapped[name] = value
+    return mapped
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

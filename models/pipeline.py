@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from engine import distributed as D
-from engine.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError, atomic_write
+from engine.images import decode_rgb
 from models.clip import CLIP, load_clip
 from models.convert import load_vqgan
 from models.convert_gpt import load_gpt
 from models.gpt import GPT, GPTConfig
+from models.refine import RefineConfig, refine as refine_tokens
 from models.vqgan import VQGAN
 
 # Named sampling settings (demo.py --sampling), as keyword arguments of TextToImage.__call__/generate.
@@ -84,6 +86,7 @@ class TextToImage:
             # every step and be slower than fp32. Not the default: for the tiny Shapes GPT fp32 is faster.
             self.gpt = self.gpt.to(torch.bfloat16)
         self._gpt_dtype = next(self.gpt.parameters()).dtype
+        self.refine_threads: int | None = None  # CPU threads for refinement (None: as set); demo.py sets it
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, device=None, precision: str = "auto",
@@ -146,15 +149,56 @@ class TextToImage:
 
     @torch.no_grad()
     def generate(self, cond: torch.Tensor, n_candidates: int = 16, keep: int | None = None,
-                 rerank: bool = True, **sample_kw) -> Generation:
-        """Sample n_candidates for the condition (D,), score each by CLIP similarity to it, keep the best."""
+                 rerank: bool = True, refine: RefineConfig | None = None, **sample_kw) -> Generation:
+        """Sample n_candidates for the condition (D,), score each by CLIP similarity to it, keep the best.
+        With refine (steps > 0) the kept candidates are then refined toward the condition (models/refine.py,
+        seeded by sample_kw's seed) and re-ranked by their new scores."""
         cond = cond.float().view(-1)
         images, tokens = self.sample(cond, n_candidates, **sample_kw)
         scores = self.clip.encode_image(images) @ cond.to(self.device)
         keep = keep or n_candidates
         order = scores.argsort(descending=True) if rerank else torch.arange(len(scores), device=scores.device)
         order = order[:keep]
-        return Generation(images[order], scores[order], tokens[order])
+        images, scores, tokens = images[order], scores[order], tokens[order]
+        if refine is not None and refine.steps > 0:
+            tokens = self.refine(tokens, cond, refine, seed=sample_kw.get("seed", 0))
+            images = self.decode(tokens)
+            scores = self.clip.encode_image(images) @ cond.to(self.device)
+            if rerank:
+                order = scores.argsort(descending=True)
+                images, scores, tokens = images[order], scores[order], tokens[order]
+        return Generation(images, scores, tokens)
+
+    def refine(self, tokens: torch.Tensor, cond: torch.Tensor, cfg: RefineConfig, seed: int = 0,
+               batch_size: int = 64, scores_out: list | None = None) -> torch.Tensor:
+        """Token grids (B, h, w) moved toward cond ((D,) or (B, D)) by CLIP's gradient, each step weighed by
+        the GPT's likelihood of the grid under the same condition (models/refine.py); batch_size grids at a
+        time, one seeded generator per batch. Steps 0: the grids as they are."""
+        cfg.check()
+        if cfg.steps == 0:
+            return tokens
+        cond = cond.float().to(self.device)
+        cond = cond.view(1, -1).expand(len(tokens), -1) if cond.dim() == 1 else cond
+        with _threads(self.refine_threads if self.device.type == "cpu" else None):
+            return self._refine(tokens, cond, cfg, seed, batch_size, scores_out)
+
+    def _refine(self, tokens, cond, cfg, seed, batch_size, scores_out) -> torch.Tensor:
+        out = []
+        for start in range(0, len(tokens), batch_size):
+            c = cond[start:start + batch_size]
+
+            def prior(grids: torch.Tensor, c=c) -> torch.Tensor:  # (b, h, w) -> (b,) mean log-likelihood
+                return self.gpt.log_prob(grids.flatten(1), c)
+
+            out.append(refine_tokens(self.vqgan, self.clip, tokens[start:start + batch_size].to(self.device), c,
+                                     cfg, seed=seed + start, scores_out=scores_out, prior=prior))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token grids (B, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        with self._autocast():
+            return self.vqgan.decode_indices(tokens.to(self.device)).float().clamp(-1, 1)
 
     def __call__(self, prompt: str, n_candidates: int = 16, keep: int | None = None, **kw) -> Generation:
         return self.generate(self.clip.encode_text([prompt])[0], n_candidates, keep, **kw)
@@ -194,6 +238,18 @@ class TextToImage:
 
 
 @contextmanager
+def _threads(n: int | None):
+    """torch's CPU threads set to n for the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def _token_progress(gpt: GPT, report: Callable[[float], None] | None, start: int, rows: int):
     """While a batch of `rows` (rows start.. of the whole) is sampled, report start + rows * (tokens drawn /
     tokens) after each GPT step: one forward per token, seen through a forward hook."""
@@ -230,18 +286,13 @@ def blend(a: torch.Tensor, b: torch.Tensor, t: float, mode: str = "slerp") -> to
 # ------------------------------------------------------------------------------------------ pictures
 
 def load_picture(picture, size: int) -> torch.Tensor:
-    """A path or PIL image -> (1, 3, size, size) in [-1, 1]: RGB (transparent parts over white), the
+    """A path or PIL image -> (1, 3, size, size) in [-1, 1]: decoded as a viewer shows it (EXIF orientation,
+    16-bit and float pixels by their range, transparent parts over white: engine.images.decode_rgb), the
     centred square crop, resized with bicubic filtering. OSError (PIL's UnidentifiedImageError is one)
     when the file cannot be read as a picture."""
     from PIL import Image
 
-    img = picture if isinstance(picture, Image.Image) else Image.open(picture)
-    img.load()
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, img)
-    img = img.convert("RGB")
+    img = decode_rgb(picture)
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
@@ -287,10 +338,21 @@ def save_images(images: torch.Tensor, path: str | os.PathLike, ncol: int | None 
     `individual`, image i at <stem>_<i><suffix> beside it. Returns [grid, image 0, image 1, ...]."""
     path = Path(path)
     grid = image_grid(images.detach().float().cpu(), ncol, padding)
-    to_pil(grid)[0].save(path)
     out = [path]
+    _save_atomic(to_pil(grid)[0], path)
     if individual:
         for i, img in enumerate(to_pil(images)):
-            img.save(numbered(path, i))
+            _save_atomic(img, numbered(path, i))
             out.append(numbered(path, i))
     return out
+
+
+def _save_atomic(img, path: Path) -> None:
+    """PIL image -> path through a temporary file and a rename (engine.checkpoint.atomic_write): a full disk
+    or a crash leaves the previous picture whole, never a truncated one in its place."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image format {path.suffix!r}")
+    atomic_write(path, lambda tmp: img.save(tmp, format=fmt))

@@ -114,7 +114,7 @@ def test_all_corrupt_folder_raises_one_clear_error(tmp_path):
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(b"not a png at all")
     ds = ImageFolder(tmp_path, EvalTransform(16))
-    with pytest.warns(CorruptImageWarning), pytest.raises(RuntimeError, match="unreadable images") as error:
+    with pytest.warns(CorruptImageWarning), pytest.raises(DataError, match="unreadable images") as error:
         ds[0]
     assert "\n" not in str(error.value)
 

@@ -1,0 +1,100 @@
+"""Run the project's scripts as `python SCRIPT ARGS` runs them, many times, importing torch once.
+
+A fresh `python train_vqgan.py ...` spends ~4 s of CPU importing torch, torchvision and the project before
+it reads its first flag; tests/test_hostile.py runs dozens of them. This server (started once, with
+sys.executable) imports all of that, then for each request forks a child that runs the script as
+`__main__` with its argv, its folder first on sys.path, stdout and stderr in files, and exits as the
+interpreter would: SystemExit's code, 1 and a printed traceback for an uncaught exception, killed by a
+signal for a crash. Requests and replies are JSON lines on stdin / stdout.
+
+    request: {"script": "train_vqgan.py", "args": [...], "stdout": PATH, "stderr": PATH, "fault": null}
+    reply:   {"returncode": int}     (negative: killed by that signal)
+
+fault "disk-full": every temporary file engine.checkpoint.atomic_write writes is /dev/full, which
+refuses every write with ENOSPC, as a full disk does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+import traceback
+
+PRELOAD = ("torch", "torchvision", "PIL.Image", "safetensors.torch", "open_clip", "datasets", "engine.cli",
+           "engine.trainer", "models.clip", "models.convert", "models.convert_gpt", "models.gpt", "models.losses",
+           "models.vqgan", "evaluation.scenes_eval", "evaluation.zero_shot")
+
+
+def disk_full() -> None:
+    """atomic_write's temporary files become links to /dev/full: its writes fail with ENOSPC."""
+    import engine.checkpoint as ckpt
+
+    real = ckpt.tempfile.mkstemp
+
+    class Tempfile:
+        @staticmethod
+        def mkstemp(*args, **kwargs):
+            fd, path = real(*args, **kwargs)
+            os.close(fd)
+            os.unlink(path)
+            os.symlink("/dev/full", path)
+            return os.open(path, os.O_WRONLY), path
+
+    ckpt.tempfile = Tempfile
+
+
+FAULTS = {"disk-full": disk_full}
+
+
+def child(request: dict) -> int:
+    """In the forked child: run the script; returns the exit status the interpreter would give."""
+    for fd, key in ((1, "stdout"), (2, "stderr")):
+        target = os.open(request[key], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    script = request["script"]
+    sys.argv = [script, *request["args"]]
+    sys.path[0] = os.path.dirname(os.path.abspath(script))  # what `python SCRIPT` puts first
+    try:
+        if request.get("fault"):
+            FAULTS[request["fault"]]()
+        runpy.run_path(script, run_name="__main__")
+        return 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
+def serve() -> None:
+    import importlib
+
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not tests/
+    for name in PRELOAD:
+        importlib.import_module(name)
+    import torch
+
+    torch.set_num_threads(1)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = child(request)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+if __name__ == "__main__":
+    serve()
