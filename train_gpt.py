@@ -243,7 +243,7 @@ def save_samples(run, model: GPT, vqgan, clip, val_ds, conditioner, fsdp: bool) 
     if run.env.is_main:
         a = run.args
         grid = sample_grid(model, vqgan, clip, val_ds, conditioner, a.prompts, a.sample_cfg, a.seed)
-        save_image(grid, run.out / "samples.png")
+        ckpt.atomic_write(run.out / "samples.png", lambda tmp: save_image(grid, tmp, format="png"))
         run.log.image("samples (rows: real, from image embedding, from each prompt)", grid, run.step)
 
 

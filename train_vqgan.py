@@ -19,6 +19,7 @@ from torchvision.utils import make_grid, save_image
 
 import datasets
 from engine import distributed as D
+from engine.checkpoint import atomic_write
 from engine.cli import (Parser, UsageError, add_run_args, apply_defaults, at_least, fraction, non_negative_float,
                         run)
 from engine.schedule import lr_at, set_lr
@@ -138,7 +139,7 @@ def save_grid(first, path: Path) -> torch.Tensor:
     """Inputs in the top row, their reconstructions below."""
     x, x_rec = first
     grid = make_grid(torch.cat([to_unit(x), to_unit(x_rec)]), nrow=x.shape[0], padding=2, pad_value=1.0)
-    save_image(grid, path)
+    atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))  # a full disk: one line, no half file
     return grid
 
 
