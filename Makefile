@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all demo shapes scenes venv clean bench
+.PHONY: test test-all demo shapes scenes flow venv clean bench
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ shapes: $(STAMP)
 # Reproduce pretrained/scenes/ from nothing (the several-object world); SUPERVISED=1 adds the --cond text GPT.
 scenes: $(STAMP)
 	PY=$(PY) bash scripts/scenes.sh
+
+# The flow-matching prior beside a world's shipped GPT: pretrained/$(WORLD)/flow.safetensors (WORLD=shapes or scenes).
+WORLD ?= shapes
+flow: $(STAMP)
+	PY=$(PY) WORLD=$(WORLD) bash scripts/flow.sh
 
 # Benchmarks (bench/): results in bench/results/<machine>-<date>.json and .md. BENCH_ARGS="--only sampling --threads 2"
 bench: $(STAMP)

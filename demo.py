@@ -4,11 +4,13 @@
     python demo.py --prompts prompts.txt --out out/shapes.png      # one grid per line of the file
     python demo.py --image picture.png                             # variations of a picture
     python demo.py --interpolate "a red circle" "a blue square" --steps 8
+    python demo.py --prior flow --text "a red circle"             # the flow-matching prior, not the GPT
 
 Without --vqgan/--gpt/--clip it loads pretrained/shapes/{vqgan,gpt,clip}.safetensors (`make shapes`
 trains and exports them), or the three files of --models DIR (e.g. pretrained/scenes). --cand-size candidates are sampled (in batches, with the GPT's KV cache; bf16
 autocast on CUDA), CLIP scores each by the cosine similarity of its image embedding to the condition, and
-the best --out-k are kept.
+the best --out-k are kept. --prior flow samples with the flow-matching prior (flow.safetensors beside the
+GPT; --gpt PATH may also name a flow file): every candidate's grid in --flow-steps ODE steps at once.
 
 Sampling presets (--sampling; the flags --cand-size, --top-k, --top-p, --temperature, when given, win):
   shapes   16 candidates, the full distribution (no top-k, no top-p): for the project's Shapes GPTs
@@ -52,12 +54,14 @@ from engine.checkpoint import CheckpointError  # noqa: E402
 from engine.cli import Parser, UsageError, check_sampling_numbers, run  # noqa: E402
 # Cheap once torch is in (0.03 s): open_clip is imported only by the CLIP loaders that need it.
 from models.clip import looks_like_path  # noqa: E402
+from models.flow import FlowConfig, add_flow_args, apply_flow_args  # noqa: E402
 from models.pipeline import SAMPLING_PRESETS, default_sampling, numbered  # noqa: E402
 from models.refine import add_args as add_refine_args, from_args as refine_from_args  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = Path("pretrained/shapes")  # relative to this file's folder
 KINDS = {"vqgan": "VQGAN", "gpt": "GPT", "clip": "CLIP"}
+PRIOR_FILES = {"gpt": "gpt", "flow": "flow"}  # --prior -> the file of MODELS it reads (<name>.safetensors)
 # the shipped folders (relative to this file's folder) and how a checkout without their files gets them
 HOW_TO_GET = {SHIPPED: "run `make shapes` to train the Shapes checkpoints",
               Path("pretrained/scenes"): "run `make scenes` to train the scenes checkpoints"}
@@ -92,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         g.add_argument(f"--{kind}", default=None, metavar="PATH",
                        help=f"{name} checkpoint or weights file{extra} (default: MODELS/{kind}.safetensors)")
     g.add_argument("--no-ema", action="store_true", help="the GPT's raw weights, not its EMA (training checkpoints)")
+    g.add_argument("--prior", choices=sorted(PRIOR_FILES), default=None,
+                   help="the stage-2 prior: gpt (MODELS/gpt.safetensors, the default) or flow (MODELS/flow.safetensors, "
+                        "the flow-matching prior); with --gpt PATH the file says which it is")
+
     g = p.add_argument_group("sampling")
     g.add_argument("--sampling", choices=["auto", *PRESET_NAMES], default="auto",
                    help="the preset the four flags below default to (see above; default auto: clipgen for a "
@@ -114,6 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="CUDA: bf16 autocast (auto = bf16); CPU: bf16 stores the GPT's weights in bf16, "
                         "faster for large GPTs (auto = fp32); MPS: fp32")
+    add_flow_args(p)
     g = add_refine_args(p)
     g.description = ("the kept images' latents are moved toward the prompt (or --image's picture) by CLIP's "
                      "gradient, then re-ranked; not for --interpolate")
@@ -142,6 +151,8 @@ def check_numbers(args) -> None:
     if args.cand_size is not None and args.out_k > args.cand_size:
         raise UsageError(f"--out-k {args.out_k} keeps more than the --cand-size {args.cand_size} candidates")
     check_sampling_numbers(args)
+    if args.prior is not None and args.gpt is not None:
+        raise UsageError("--prior picks a file of --models; --gpt PATH names the prior itself: give one of them")
     if args.steps is not None and args.interpolate is None:
         raise UsageError("--steps goes with --interpolate")
     args.refine = refine_from_args(args)
@@ -212,9 +223,10 @@ def checkpoint_paths(args) -> dict[str, tuple[str, bool]]:
     out = {}
     for kind, name in KINDS.items():
         given = getattr(args, kind)
-        path = given or str(shipped(kind, args.models))
+        path = given or str(shipped(PRIOR_FILES[args.prior or "gpt"] if kind == "gpt" else kind, args.models))
         hint = f"{how_to_get(args.models)}, or pass --{kind} PATH"
         if given is None and not Path(path).is_file():
+            name = "flow prior" if kind == "gpt" and args.prior == "flow" else name
             what = f"the shipped Shapes {name}" if args.models is None else f"the {name} of --models {args.models}"
             raise CheckpointError(f"{_short(path)} not found ({what}): {hint}")
         if given is not None and not Path(given).is_file() and (kind != "clip" or looks_like_path(given)):
@@ -278,10 +290,15 @@ def main(args: argparse.Namespace) -> None:
     # refusal should come before the VQGAN and CLIP are loaded.
     gpt = load_stage("gpt", *paths["gpt"], device, args)
     gpt.cfg.check_guidance(args.cfg_scale)
+    line = apply_flow_args(gpt, args)
+    if line:
+        print(line, flush=True)
     print(resolve_sampling(args, gpt.cfg), flush=True)
     pipe = load_pipeline(paths, device, args, gpt)
     if device.type == "cpu":
-        threads = args.threads or (1 if pipe.gpt.cfg.n_embd <= SMALL_GPT_WIDTH else default_threads)
+        # The flow prior runs a few large batched forwards, which share out like the decoder's convolutions.
+        small = pipe.gpt.cfg.n_embd <= SMALL_GPT_WIDTH and not hasattr(pipe.gpt, "n_forwards")
+        threads = args.threads or (1 if small else default_threads)
         threads = capped_threads(threads)
         torch.set_num_threads(threads)
         pipe.refine_threads = args.threads or default_threads  # decoder and CLIP backward: convolutions share out
@@ -359,12 +376,14 @@ def resolve_sampling(args, gpt_cfg) -> str:
     if not args.interpolate and args.out_k > args.cand_size:
         raise UsageError(f"--out-k {args.out_k} keeps more than the {args.cand_size} candidates of the {name} "
                          f"sampling preset; raise --cand-size")
-    why = {"auto": "for a GPT imported from CLIP-GEN" if name == "clipgen" else "for the project's GPTs"}
+    why = {"auto": "for a GPT imported from CLIP-GEN" if name == "clipgen" else "for the project's priors"}
     settings = {"cand_size": f"{args.cand_size} candidates", "top_k": f"top-k {args.top_k or 'none'}",
                 "top_p": f"top-p {'none' if args.top_p is None else format(args.top_p, 'g')}",
                 "temperature": f"temperature {args.temperature:g}"}
     if args.interpolate:
         del settings["cand_size"]  # one image per step
+    if isinstance(gpt_cfg, FlowConfig):
+        del settings["top_k"], settings["top_p"]  # the flow prior has no token distribution to filter
     shown = [text + (f" (--{dest.replace('_', '-')})" if dest in given else "") for dest, text in settings.items()]
     return f"sampling: {name} preset ({why.get(args.sampling, '--sampling')}): {', '.join(shown)}"
 
@@ -373,9 +392,9 @@ def load_stage(kind: str, path: str, default: bool, device, args):
     """One stage's model; a CheckpointError is prefixed with its flag and says how to get a good file."""
     from models.clip import load_clip
     from models.convert import load_vqgan
-    from models.convert_gpt import load_gpt
+    from models.flow import load_prior
 
-    loaders = {"vqgan": load_vqgan, "gpt": lambda p: load_gpt(p, use_ema=not args.no_ema),
+    loaders = {"vqgan": load_vqgan, "gpt": lambda p: load_prior(p, use_ema=not args.no_ema),
                "clip": lambda p: load_clip(p, device=device)}
     try:
         return loaders[kind](path)

@@ -1,15 +1,19 @@
-"""Stage 2: train the GPT that writes VQGAN token grids from CLIP embeddings.
+"""Stage 2: train the GPT that writes VQGAN token grids from CLIP embeddings (or, with --model flow, the
+flow-matching prior that draws a whole grid in a few ODE steps: models/flow.py).
 
     python train_gpt.py --vqgan runs/vqgan-shapes/best.pt --clip runs/clip-shapes/best.pt \\
         --shards runs/encoded                                   # from pre-encoded shards (preencode.py)
     python train_gpt.py --vqgan ... --clip ... --dataset folder --data-path imgs/   # encode on the fly
     torchrun --nproc_per_node 8 train_gpt.py ...
+    python train_gpt.py --model flow --vqgan ... --clip ... --shards runs/encoded   # the flow prior instead
 
 Language-free: the condition is the CLIP *image* embedding of each training image; no caption reaches
 the GPT (--cond image, the default). At inference a CLIP *text* embedding takes its place. --embed-noise
 adds Gaussian noise to the normalised embedding (then renormalises) to cover the gap between image and
 text embeddings; --cond-drop trains the null condition used by classifier-free guidance. --cond text
-trains on caption embeddings instead: the supervised upper bound, for comparison only.
+trains on caption embeddings instead: the supervised upper bound, for comparison only. The flow prior
+takes the same data, conditioning options and runtime (DDP, resume, EMA, checkpoints, export.py); its loss
+is the flow-matching velocity error, its validation also the tokens its one-step estimate snaps to.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from engine.trainer import NonFiniteGuard, Run
 from models.clip import load_clip
 from models.convert import load_vqgan
 from models.convert_gpt import load_gpt, project_config
+from models.flow import FLOW_PRESETS, FlowPrior, build_flow, flow_config, load_flow, vqgan_codebook
 from models.gpt import GPT, PRESETS, build_gpt
 
 DEFAULT_PROMPTS = ["a red circle in the top left", "a blue square at the bottom", "a large green triangle",
@@ -45,10 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vqgan", required=True, help="frozen VQGAN checkpoint (ours, CLIP-GEN or taming)")
     p.add_argument("--clip", required=True, help="frozen CLIP: checkpoint path or open_clip NAME:TAG")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="GPT size")
-    p.add_argument("--n-prefix", type=at_least(1), default=1, help="prefix tokens the CLIP embedding becomes")
+    p.add_argument("--model", choices=["gpt", "flow"], default="gpt",
+                   help="gpt: the autoregressive prior (CLIP-GEN); flow: the flow-matching prior (models/flow.py)")
+    p.add_argument("--preset", choices=sorted(set(PRESETS) | set(FLOW_PRESETS)), default="tiny",
+                   help=f"model size (gpt: {', '.join(PRESETS)}; flow: {', '.join(FLOW_PRESETS)})")
+    p.add_argument("--n-prefix", type=at_least(1), default=1, help="gpt: prefix tokens the CLIP embedding becomes")
     p.add_argument("--dropout", type=fraction, default=None, help="override the preset's dropout")
-    p.add_argument("--out-dir", default=None, help="default runs/gpt-PRESET")
+    p.add_argument("--out-dir", default=None, help="default runs/MODEL-PRESET")
     p.add_argument("--shards", default=None, help="pre-encoded folder (OUT of preencode.py: train/, val/)")
     datasets.add_data_args(p)
     g = p.add_argument_group("conditioning")
@@ -71,6 +79,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop after this many non-finite losses in a row (their updates are skipped); under "
                         "--precision fp16, steps whose gradients overflow are the loss scaler's to skip and do "
                         "not count")
+    g = p.add_argument_group("flow prior (--model flow)")
+    g.add_argument("--flow-steps", type=at_least(1), default=8,
+                   help="ODE steps the prior samples with by default (stored in it; demo.py --flow-steps overrides)")
+    g.add_argument("--flow-solver", choices=["euler", "heun"], default="euler", help="its default ODE solver")
+    g.add_argument("--flow-objective", choices=["velocity", "tokens"], default="velocity",
+                   help="what the network predicts (a fresh model): the velocity (squared error) or the end point's "
+                        "tokens (cross-entropy; the velocity follows from their expected code vectors)")
+    g.add_argument("--flow-patch", type=at_least(1), default=2,
+                   help="grid positions per side the network reads as one vector (a fresh model)")
+    g.add_argument("--flow-time", choices=["uniform", "logit-normal"], default="uniform",
+                   help="training times t: uniform on [0, 1], or logit-normal (SD3: more weight mid-way)")
     g = add_run_args(p, val_every=500, save_every=500,
                      init_from="a train_gpt.py checkpoint, an exported .safetensors or a CLIP-GEN gpt_*.pt, whose "
                                "codes, token count and condition width match --vqgan and --clip (--preset and "
@@ -80,7 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prompts", nargs="*", default=DEFAULT_PROMPTS, help="text prompts for sample grids")
     g.add_argument("--sample-cfg", type=float, default=1.0, help="guidance scale for sample grids")
     args = p.parse_args(argv)
-    args.out_dir = args.out_dir or f"runs/gpt-{args.preset}"
+    presets = FLOW_PRESETS if args.model == "flow" else PRESETS
+    if args.preset not in presets:
+        p.error(f"--preset {args.preset} is not a {args.model} preset; choose one of {', '.join(presets)}")
+    args.out_dir = args.out_dir or f"runs/{args.model}-{args.preset}"
     if args.cond == "text" and args.dataset in ("shapes", "scenes"):
         args.shapes_split = "captioned"  # captions exist only in the captioned split
     return args
@@ -102,6 +124,31 @@ def null_rows(p: float, seed: int, step: int, env, rows: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     mask = torch.rand(rows * env.world_size, generator=g) < p
     return mask[env.rank * rows:(env.rank + 1) * rows].to(env.device)
+
+
+def flow_draws(seed: int, step: int, env, rows: int, shape: tuple, time: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flow prior's training times t (rows,) and noise (rows, *shape) for this rank, drawn for the whole
+    global batch from (seed, step) alone and sliced as null_rows does: N processes draw what one would, a
+    resumed run what it would have."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_777)
+    n = rows * env.world_size
+    t = torch.sigmoid(torch.randn(n, generator=g)) if time == "logit-normal" else torch.rand(n, generator=g)
+    noise = torch.randn(n, *shape, generator=g)
+    mine = slice(env.rank * rows, (env.rank + 1) * rows)
+    return t[mine].to(device), noise[mine].to(device)
+
+
+def training_loss(model, raw, tokens, cond, drop, args, step: int, env) -> torch.Tensor:
+    """The step's loss: next-token cross-entropy for the GPT, the flow-matching velocity error for the flow
+    (model: what runs the forward, DDP or compiled; raw: the module itself)."""
+    if isinstance(raw, FlowPrior):
+        t, noise = flow_draws(args.seed, step, env, tokens.shape[0], (raw.cfg.n_tokens, raw.cfg.latent_dim),
+                              args.flow_time, tokens.device)
+        x1 = raw.latents(tokens)
+        tt = t[:, None, None]
+        return raw.objective_loss(model((1 - tt) * noise + tt * x1, t, cond, drop), tokens, x1, noise)
+    logits = model(tokens, cond, drop)
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
 
 
 class Conditioner:
@@ -150,8 +197,12 @@ def build_data(args, env, vqgan, clip):
 
 
 @torch.no_grad()
-def validate(model: GPT, loader, conditioner, max_batches: int = 0) -> dict:
-    """Mean next-token loss and token accuracy (argmax = target) over this rank's share, summed over ranks."""
+def validate(model, loader, conditioner, max_batches: int = 0) -> dict:
+    """Mean next-token loss and token accuracy (argmax = target) over this rank's share, summed over ranks.
+    For a flow prior: the velocity error at fixed times and noise, and the share of tokens its one-step
+    estimate of the end point (x_t + (1 - t) v) snaps to."""
+    if isinstance(model, FlowPrior):
+        return validate_flow(model, loader, conditioner, max_batches)
     was_training = model.training
     model.eval()
     dev = conditioner.device
@@ -170,6 +221,34 @@ def validate(model: GPT, loader, conditioner, max_batches: int = 0) -> dict:
     model.train(was_training)
     n = max(1.0, sums[2].item())
     return {"val/loss": sums[0].item() / n, "val/token_accuracy": sums[1].item() / n}
+
+
+@torch.no_grad()
+def validate_flow(model: FlowPrior, loader, conditioner, max_batches: int = 0) -> dict:
+    was_training = model.training
+    model.eval()
+    dev = conditioner.device
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)  # squared error, correct tokens, grids
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        tokens, cond = conditioner(batch)
+        B = tokens.shape[0]
+        g = torch.Generator().manual_seed(10_007 + i)  # the same times and noise at every validation
+        t = ((torch.arange(B) + 0.5) / B)[torch.randperm(B, generator=g)].to(dev)
+        noise = torch.randn(B, model.cfg.n_tokens, model.cfg.latent_dim, generator=g).to(dev)
+        x1 = model.latents(tokens)
+        tt = t[:, None, None]
+        xt = (1 - tt) * noise + tt * x1
+        with conditioner.autocast:
+            out = model(xt, t, cond).float()
+        sums[0] += model.objective_loss(out, tokens, x1, noise).double() * B
+        sums[1] += (model.estimate(out, xt, t) == tokens).sum().double()
+        sums[2] += B
+    D.all_reduce_sum(sums)
+    model.train(was_training)
+    n = max(1.0, sums[2].item())
+    return {"val/loss": sums[0].item() / n, "val/token_accuracy": sums[1].item() / (n * model.cfg.n_tokens)}
 
 
 @torch.no_grad()
@@ -192,6 +271,40 @@ def sample_grid(model: GPT, vqgan, clip, val_ds, conditioner, prompts, cfg_scale
     return make_grid(images, nrow=n, padding=2, pad_value=1.0)
 
 
+def check_fits(cfg, vqgan, clip, source: str, does: str) -> None:
+    """One line unless a prior's config (GPT or flow) has --vqgan's codes and grid and --clip's width."""
+    want = (vqgan.cfg.n_codes, vqgan.cfg.grid_size ** 2, clip.embed_dim)
+    if (cfg.vocab_size, cfg.n_tokens, cfg.cond_dim) != want:
+        raise UsageError(f"{source}: {does} {cfg.n_tokens} tokens of {cfg.vocab_size} codes from "
+                         f"{cfg.cond_dim}-d embeddings; --vqgan has {want[1]} tokens of {want[0]} codes and "
+                         f"--clip gives {want[2]}-d embeddings")
+
+
+def build_flow_model(args, run, vqgan, clip) -> FlowPrior:
+    """The flow prior to train: a resumed run's config, the --init-from file's, or a fresh --preset one over
+    --vqgan's codes. Its grid, codes and condition must be what --vqgan and --clip give."""
+    init = load_flow(run.init_from) if run.init_from else None
+    codebook = vqgan_codebook(vqgan).cpu()
+    if run.state:
+        cfg = flow_config(run.state)
+    elif init is not None:
+        cfg = replace(init.cfg, **({"dropout": args.dropout} if args.dropout is not None else {}))
+    else:
+        over = {"dropout": args.dropout} if args.dropout is not None else {}
+        cfg = build_flow(args.preset, codebook, n_tokens=vqgan.cfg.grid_size ** 2, cond_dim=clip.embed_dim,
+                         l2_codes=vqgan.quantize.l2_norm, patch=args.flow_patch, objective=args.flow_objective,
+                         null_cond_trained=args.cond_drop > 0, **over).cfg
+    check_fits(cfg, vqgan, clip, f"--init-from {run.init_from}" if init is not None else "the resumed checkpoint",
+               "the flow prior draws")
+    model = FlowPrior(replace(cfg, null_cond_trained=cfg.null_cond_trained or args.cond_drop > 0,
+                              steps=args.flow_steps, solver=args.flow_solver))
+    model.cfg.check_guidance(args.sample_cfg)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    model.codebook.copy_(codebook)  # the codes of --vqgan, whatever a file held (check_codebook at inference)
+    return model
+
+
 def build_model(args, run, vqgan, clip) -> GPT:
     """The GPT to train: a resumed run's config (its weights follow), the --init-from file's model (weights
     and config; --dropout may change), or a fresh one of --preset. Its tokens and condition must be what
@@ -205,12 +318,8 @@ def build_model(args, run, vqgan, clip) -> GPT:
         over = {"n_prefix": args.n_prefix, **({"dropout": args.dropout} if args.dropout is not None else {})}
         cfg = build_gpt(args.preset, vocab_size=vqgan.cfg.n_codes, n_tokens=vqgan.cfg.grid_size ** 2,
                         cond_dim=clip.embed_dim, null_cond_trained=args.cond_drop > 0, **over).cfg
-    want = (vqgan.cfg.n_codes, vqgan.cfg.grid_size ** 2, clip.embed_dim)
-    if (cfg.vocab_size, cfg.n_tokens, cfg.cond_dim) != want:
-        source = f"--init-from {run.init_from}" if init is not None else "the resumed checkpoint"
-        raise UsageError(f"{source}: the GPT writes {cfg.n_tokens} tokens of {cfg.vocab_size} codes from "
-                         f"{cfg.cond_dim}-d embeddings; --vqgan has {want[1]} tokens of {want[0]} codes and "
-                         f"--clip gives {want[2]}-d embeddings")
+    check_fits(cfg, vqgan, clip, f"--init-from {run.init_from}" if init is not None else "the resumed checkpoint",
+               "the GPT writes")
     # Condition dropout trains the null condition, whoever trained the rest (a CLIP-GEN GPT never did).
     model = GPT(replace(cfg, null_cond_trained=cfg.null_cond_trained or args.cond_drop > 0))
     model.cfg.check_guidance(args.sample_cfg)  # now, not at the first sample grid
@@ -237,7 +346,7 @@ def save_samples(run, model: GPT, vqgan, clip, val_ds, conditioner, fsdp: bool) 
     cache), which FSDP's sharded root does not gather for: it samples a gathered, ordinary copy instead."""
     if fsdp:
         full = FS.full_model_state(model)  # a collective: every rank
-        model = GPT(model.cfg).to(run.env.device).eval() if run.env.is_main else None
+        model = type(model)(model.cfg).to(run.env.device).eval() if run.env.is_main else None
         if run.env.is_main:
             model.load_state_dict(full)
     if run.env.is_main:
@@ -248,14 +357,15 @@ def save_samples(run, model: GPT, vqgan, clip, val_ds, conditioner, fsdp: bool) 
 
 
 def main(args) -> None:
-    run = Run(args, "gpt", best_key="best_val_loss", higher_is_better=False)
+    run = Run(args, args.model, best_key="best_val_loss", higher_is_better=False)
     env, precision = run.env, run.precision
     vqgan = load_vqgan(args.vqgan).to(env.device).eval().requires_grad_(False).channels_last()
     clip = load_clip(args.clip, device=env.device)
     conditioner = Conditioner(vqgan, clip, args.cond, env.device, precision.autocast)
     train_ds, val_ds = build_data(args, env, vqgan, clip)
 
-    raw = build_model(args, run, vqgan, clip).to(env.device)
+    build = build_flow_model if args.model == "flow" else build_model
+    raw = build(args, run, vqgan, clip).to(env.device)
     cfg, fsdp = raw.cfg, args.strategy == "fsdp" and env.distributed  # one process: nothing to shard
     ema = run.restore_weights({"model": raw}, args.ema_decay)  # full state dicts: before any sharding
     if fsdp:  # the EMA is sharded the same way, so its update stays a local op on each rank's shard
@@ -273,7 +383,7 @@ def main(args) -> None:
         model = torch.compile(model)
     train_loader, val_loader = run.train_loader(train_ds), run.val_loader(val_ds)
 
-    run.start(f"gpt {args.preset}: {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M params, {cfg.n_tokens} "
+    run.start(f"{args.model} {args.preset}: {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M params, {cfg.n_tokens} "
               f"tokens of {cfg.vocab_size} codes, cond {args.cond} ({cfg.cond_dim}-d, noise {args.embed_noise}, "
               f"drop {args.cond_drop}) | {'shards ' + args.shards if args.shards else 'on the fly'}",
               note=" (fsdp)" if fsdp else "")
@@ -286,8 +396,7 @@ def main(args) -> None:
         lr = lr_at(run.step, args.lr, args.warmup_steps, args.max_steps, "cosine")
         set_lr([opt], lr)
         with precision.autocast:
-            logits = model(tokens, cond, drop)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+            loss = training_loss(model, raw, tokens, cond, drop, args, run.step, env)
         grad_norm = torch.tensor(0.0)
         if not guard.skip(loss, run):
             norm = precision.step(loss, opt, raw.parameters(), args.grad_clip if args.grad_clip > 0 else None)

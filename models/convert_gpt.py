@@ -137,11 +137,12 @@ def _read(path: Path, map_location) -> dict:
 
 
 def load_gpt(path: str | os.PathLike, map_location="cpu", use_ema: bool = True, n_head: int | None = None,
-             n_tokens: int | None = None) -> GPT:
+             n_tokens: int | None = None, obj: dict | None = None) -> GPT:
     """A GPT in eval mode from our checkpoint or CLIP-GEN's (format detected from content). `n_head` and
-    `n_tokens` are for CLIP-GEN files, which do not record them (see the module doc)."""
+    `n_tokens` are for CLIP-GEN files, which do not record them (see the module doc). `obj`: the file's
+    content when the caller has already read it (models.flow.load_prior)."""
     path = Path(path)
-    obj = _read(path, map_location)
+    obj = _read(path, map_location) if obj is None else obj
     fmt = detect_format(obj, path)
     try:
         if fmt == "project":

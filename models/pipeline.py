@@ -5,11 +5,14 @@
     result.images   # (keep, 3, H, W) in [-1, 1], best first;  result.scores: CLIP similarity to the text
 
     pipe = TextToImage.from_folder("pretrained/shapes")   # vqgan/gpt/clip.safetensors from one folder
+    pipe = TextToImage.from_folder("pretrained/shapes", prior="flow")   # flow.safetensors in place of the GPT
     pipe("a red circle", n_candidates=16, keep=4, seed=0).save("sample.png")   # grid + sample_0.png, ...
     pipe.variations("picture.png", keep=4)                # condition on a picture's CLIP image embedding
     pipe.interpolate("a red circle", "a blue square", steps=8)   # one image per step, same seed each
 
-evaluate.py and demo.py both sample through this class. Guidance (cfg_scale != 1) on a GPT whose null
+evaluate.py and demo.py both sample through this class. The stage-2 prior (`pipe.gpt`) is either the GPT
+or the flow-matching prior (models/flow.py): both have `sample(cond, ...)` -> token grids; the flow's ODE
+steps and solver are its attributes `steps` and `solver`. Guidance (cfg_scale != 1) on a GPT whose null
 condition was never trained (one imported from CLIP-GEN) raises GuidanceError, a CheckpointError.
 SAMPLING_PRESETS names sampling settings; default_sampling(gpt.cfg) is the one a GPT calls for:
 
@@ -33,7 +36,7 @@ from engine.checkpoint import CheckpointError, atomic_write
 from engine.images import decode_rgb
 from models.clip import CLIP, load_clip
 from models.convert import load_vqgan
-from models.convert_gpt import load_gpt
+from models.flow import FlowPrior, check_codebook, load_prior, vqgan_codebook
 from models.gpt import GPT, GPTConfig
 from models.refine import RefineConfig, refine as refine_tokens
 from models.vqgan import VQGAN
@@ -65,8 +68,9 @@ class Generation:
 
 class TextToImage:
     STAGES = ("vqgan", "gpt", "clip")  # from_folder reads <stage>.safetensors
+    PRIORS = ("gpt", "flow")            # from_folder's prior: gpt.safetensors or flow.safetensors
 
-    def __init__(self, vqgan: VQGAN, gpt: GPT, clip: CLIP, device: torch.device | str | None = None,
+    def __init__(self, vqgan: VQGAN, gpt: GPT | FlowPrior, clip: CLIP, device: torch.device | str | None = None,
                  precision: str = "auto"):
         self.device = torch.device(device) if device else D.pick_device(None)
         self.vqgan = vqgan.to(self.device).eval().requires_grad_(False)
@@ -78,6 +82,7 @@ class TextToImage:
                              f"VQGAN decodes {grid * grid} tokens of {vqgan.cfg.n_codes} codes")
         if gpt.cfg.cond_dim != clip.embed_dim:
             raise ValueError(f"the GPT takes {gpt.cfg.cond_dim}-d conditions; the CLIP gives {clip.embed_dim}-d")
+        check_codebook(gpt, vqgan)
         amp = D.autocast_dtype(precision, self.device) if self.device.type == "cuda" else None
         self._amp = amp
         if precision == "bf16" and self.device.type == "cpu":
@@ -85,20 +90,25 @@ class TextToImage:
             # (1.4x faster for an 8x512 GPT, bench/sampling.py), where autocast would re-cast fp32 weights
             # every step and be slower than fp32. Not the default: for the tiny Shapes GPT fp32 is faster.
             self.gpt = self.gpt.to(torch.bfloat16)
+        if isinstance(self.gpt, FlowPrior):  # snap to exactly the codes the VQGAN decodes, in fp32
+            self.gpt.codebook = vqgan_codebook(self.vqgan).to(self.device)
         self._gpt_dtype = next(self.gpt.parameters()).dtype
         self.refine_threads: int | None = None  # CPU threads for refinement (None: as set); demo.py sets it
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, device=None, precision: str = "auto",
-                    use_ema: bool = True) -> "TextToImage":
-        """The three stages from vqgan.safetensors, gpt.safetensors and clip.safetensors in `folder` (what
-        export.py writes and pretrained/shapes/ ships). CheckpointError names a missing file, or says the
-        three do not fit together."""
+                    use_ema: bool = True, prior: str = "gpt") -> "TextToImage":
+        """The three stages from vqgan.safetensors, gpt.safetensors (flow.safetensors with prior="flow")
+        and clip.safetensors in `folder` (what export.py writes and pretrained/shapes/ ships).
+        CheckpointError names a missing file, or says the three do not fit together."""
+        if prior not in cls.PRIORS:
+            raise ValueError(f"prior {prior!r} is not one of {', '.join(cls.PRIORS)}")
         folder = Path(folder)
-        paths = {k: folder / f"{k}.safetensors" for k in cls.STAGES}
+        paths = {k: folder / f"{prior if k == 'gpt' else k}.safetensors" for k in cls.STAGES}
         for kind, path in paths.items():
             if not path.is_file():
-                raise CheckpointError(f"{folder} has no {path.name} (the {kind.upper()} weights); write it with "
+                what = "flow prior" if path.name == "flow.safetensors" else kind.upper()
+                raise CheckpointError(f"{folder} has no {path.name} (the {what} weights); write it with "
                                       f"export.py, or run `make shapes` for pretrained/shapes/")
         try:
             return cls.from_paths(str(paths["vqgan"]), str(paths["gpt"]), str(paths["clip"]), device, precision,
@@ -112,7 +122,7 @@ class TextToImage:
     def from_paths(cls, vqgan: str, gpt: str, clip: str, device=None, precision: str = "auto",
                    use_ema: bool = True) -> "TextToImage":
         dev = torch.device(device) if device else D.pick_device(None)
-        return cls(load_vqgan(vqgan), load_gpt(gpt, use_ema=use_ema), load_clip(clip, device=dev), dev, precision)
+        return cls(load_vqgan(vqgan), load_prior(gpt, use_ema=use_ema), load_clip(clip, device=dev), dev, precision)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self._amp or torch.float32, enabled=self._amp is not None)
@@ -190,6 +200,9 @@ class TextToImage:
             def prior(grids: torch.Tensor, c=c) -> torch.Tensor:  # (b, h, w) -> (b,) mean log-likelihood
                 return self.gpt.log_prob(grids.flatten(1), c)
 
+            if not hasattr(self.gpt, "log_prob"):  # the flow prior gives no likelihood: CLIP's score alone
+                prior = None
+
             out.append(refine_tokens(self.vqgan, self.clip, tokens[start:start + batch_size].to(self.device), c,
                                      cfg, seed=seed + start, scores_out=scores_out, prior=prior))
         return torch.cat(out)
@@ -250,13 +263,14 @@ def _threads(n: int | None):
 
 
 @contextmanager
-def _token_progress(gpt: GPT, report: Callable[[float], None] | None, start: int, rows: int):
+def _token_progress(gpt: GPT | FlowPrior, report: Callable[[float], None] | None, start: int, rows: int):
     """While a batch of `rows` (rows start.. of the whole) is sampled, report start + rows * (tokens drawn /
-    tokens) after each GPT step: one forward per token, seen through a forward hook."""
+    tokens) after each GPT step: one forward per token, seen through a forward hook (for the flow prior,
+    network evaluations done / its n_forwards)."""
     if report is None:
         yield
         return
-    n, calls = max(1, gpt.cfg.n_tokens), [0]
+    n, calls = max(1, getattr(gpt, "n_forwards", gpt.cfg.n_tokens)), [0]
 
     def hook(*_):
         calls[0] += 1

@@ -35,3 +35,43 @@ def frozen(tmp_path_factory):
         assert r.returncode == 0, r.stderr
         assert "done: encoded 96 train and 16 val items" in r.stdout
     return root
+
+
+@pytest.fixture(scope="session")
+def forkrun(tmp_path_factory):
+    """run(script, *args, fault=None) -> (returncode, stdout, stderr), as `python script args` in the repo,
+    forked from one server that imported torch and the project once (tests/forkrun.py): ~0.3 s a run
+    instead of ~7 s, for the many runs that end at an argument or file check."""
+    import json
+    import types
+
+    from tests.test_train_vqgan import _env
+
+    logs = tmp_path_factory.mktemp("runs")
+    proc = subprocess.Popen([sys.executable, "tests/forkrun.py"], cwd=REPO, env=_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert json.loads(proc.stdout.readline()) == {"ready": True}
+    count = iter(range(10**6))
+
+    def run(script: str, *args, fault: str | None = None):
+        n = next(count)
+        out, err = logs / f"{n}.out", logs / f"{n}.err"
+        proc.stdin.write(json.dumps({"script": script, "args": [str(a) for a in args], "stdout": str(out),
+                                     "stderr": str(err), "fault": fault}) + "\n")
+        proc.stdin.flush()
+        code = json.loads(proc.stdout.readline())["returncode"]
+        return types.SimpleNamespace(returncode=code, stdout=out.read_text(), stderr=err.read_text())
+
+    yield run
+    proc.stdin.close()
+    proc.wait(timeout=30)
+
+
+def assert_one_error(r, needle: str = "") -> str:
+    """Non-zero exit, exactly one `error:` line on stderr (containing needle), no traceback."""
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode not in (0, None) and r.returncode > 0, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1, r.stderr
+    assert needle in errors[0], errors[0]
+    return errors[0]

@@ -98,7 +98,7 @@ def test_cli_writes_grid_and_images_and_prints_sorted_scores(first):
     values = [s for s, _ in printed]
     assert values == sorted(values, reverse=True) and all(-1 <= s <= 1 for s in values)
     assert f"grid: {out}" in r.stdout
-    assert r.stdout.splitlines()[0] == ("sampling: shapes preset (for the project's GPTs): 6 candidates "
+    assert r.stdout.splitlines()[0] == ("sampling: shapes preset (for the project's priors): 6 candidates "
                                         "(--cand-size), top-k none, top-p none, temperature 1")
     assert re.search(r"^6 candidates -> 3 kept in [\d.]+ s \(imports [\d.]+ s, loading [\d.]+ s, sampling", r.stdout,
                      re.M)

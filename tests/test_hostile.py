@@ -23,7 +23,7 @@ from datasets.encoded import shard_name, write_meta, write_shard
 from datasets.robust import load_rgb
 from engine import checkpoint as ckpt
 from engine.images import decode_rgb
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_one_error
 from tests.test_train_vqgan import _env
 from tests.tiny import TINY_CLIP, tiny_gpt, write_tiny
 
@@ -35,36 +35,8 @@ VQ = ["--preset", "shapes", "--batch-size", "2", "--shapes-train-size", "8", "--
 # -------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    """run(script, *args, fault=None) -> (returncode, stdout, stderr), as `python script args` in the repo."""
-    logs = tmp_path_factory.mktemp("runs")
-    proc = subprocess.Popen([sys.executable, "tests/forkrun.py"], cwd=REPO, env=_env(), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert json.loads(proc.stdout.readline()) == {"ready": True}
-    count = iter(range(10**6))
-
-    def run(script: str, *args, fault: str | None = None):
-        n = next(count)
-        out, err = logs / f"{n}.out", logs / f"{n}.err"
-        proc.stdin.write(json.dumps({"script": script, "args": [str(a) for a in args], "stdout": str(out),
-                                     "stderr": str(err), "fault": fault}) + "\n")
-        proc.stdin.flush()
-        code = json.loads(proc.stdout.readline())["returncode"]
-        return types.SimpleNamespace(returncode=code, stdout=out.read_text(), stderr=err.read_text())
-
-    yield run
-    proc.stdin.close()
-    proc.wait(timeout=30)
-
-
-def assert_one_error(r, needle: str = "") -> str:
-    """Non-zero exit, exactly one `error:` line on stderr (containing needle), no traceback."""
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert r.returncode not in (0, None) and r.returncode > 0, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    assert len(errors) == 1, r.stderr
-    assert needle in errors[0], errors[0]
-    return errors[0]
+def runner(forkrun):
+    return forkrun
 
 
 def write_encoded(folder, n: int = 4) -> None:
@@ -222,6 +194,15 @@ def bad_inputs(f):
         ("preencode batch 0", pre + ["--batch-size", "0"], "--batch-size"),
         ("preencode num-workers -1", pre + ["--num-workers", "-1"], "--num-workers"),
         ("preencode device potato", pre + ["--device", "potato"], "--device potato"),
+        # the flow prior's flags (issue 16)
+        ("flow gpt preset", gpt + ["--model", "flow", "--preset", "gpt2-medium"], "not a flow preset"),
+        ("flow steps 0 to train", gpt + ["--model", "flow", "--flow-steps", "0"], "--flow-steps"),
+        ("flow solver rk4", gpt + ["--model", "flow", "--flow-solver", "rk4"], "--flow-solver"),
+        ("demo prior and gpt", demo + ["--prior", "flow", "--gpt", shipped / "gpt.safetensors"], "give one of them"),
+        ("demo flow steps on a gpt", demo + ["--flow-steps", "3"], "is for the flow prior"),
+        ("demo top-k on the flow prior", demo + ["--prior", "flow", "--top-k", "5"], "--top-k filters"),
+        ("evaluate flow steps on a gpt", ev + ["--flow-steps", "3"], "is for the flow prior"),
+        ("evaluate flow steps -1", ev + ["--flow-steps", "-1"], "--flow-steps"),
     ]
     if not torch.cuda.is_available():
         cases.append(("vqgan device cuda, no GPU", vq + ["--device", "cuda"], "CUDA is not available"))

@@ -8,7 +8,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("script", ["shapes.sh", "scenes.sh"])
+@pytest.mark.parametrize("script", ["shapes.sh", "scenes.sh", "flow.sh"])
 def test_script_parses_and_sources_the_common_setup(script):
     path = REPO / "scripts" / script
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
@@ -24,3 +24,9 @@ def test_common_setup_works_from_any_folder(tmp_path):
     r = subprocess.run(["bash", "-c", f"source {REPO}/scripts/common.sh; false; echo reached"], cwd=tmp_path,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "reached" not in r.stdout  # errexit is on
+
+
+def test_flow_script_refuses_an_unknown_world(tmp_path):
+    r = subprocess.run(["bash", str(REPO / "scripts" / "flow.sh")], env={"WORLD": "mars", "PATH": "/usr/bin:/bin"},
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: WORLD must be shapes or scenes, not mars"

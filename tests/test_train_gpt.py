@@ -16,7 +16,7 @@ from models.clip import load_clip
 from models.convert import load_vqgan
 from models.vqgan import VQGAN, VQGANConfig
 from tests.compare import assert_states_match
-from tests.conftest import COMPAT_DIR, REPO
+from tests.conftest import COMPAT_DIR, REPO, assert_one_error
 from tests.tiny import TINY_CLIP, TINY_VQGAN, tiny_gpt
 from tests.test_train_vqgan import _env, _free_port, interrupt_at, load_state
 
@@ -70,11 +70,14 @@ def test_preencode_continues_and_skips_finished_shards(frozen, tmp_path):
     assert torch.equal(a.tensors["tokens"], b.tensors["tokens"])
 
 
+def GPT_ARGS(frozen):
+    return ["--vqgan", str(frozen / "vqgan.pt"), "--clip", str(frozen / "clip.pt"), "--batch-size", "8",
+            "--no-tensorboard", "--log-every", "1", "--num-workers", "0", "--prompts", "a red circle",
+            "--warmup-steps", "2"]
+
+
 def run_gpt(frozen, args, prefix=None, timeout=300):
-    cmd = (prefix or [sys.executable]) + [
-        "train_gpt.py", "--vqgan", str(frozen / "vqgan.pt"), "--clip", str(frozen / "clip.pt"),
-        "--batch-size", "8", "--no-tensorboard", "--log-every", "1", "--num-workers", "0",
-        "--prompts", "a red circle", "--warmup-steps", "2", *args]
+    cmd = (prefix or [sys.executable]) + ["train_gpt.py", *GPT_ARGS(frozen), *args]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -146,21 +149,18 @@ def test_gpt_two_gloo_processes_equal_one_process(frozen, tmp_path):
     (["--cond", "text"], "--cond text needs caption embeddings"),
     (["--resume", "/nonexistent.pt"], "checkpoint not found"),
 ])
-def test_gpt_user_errors_end_in_one_line(frozen, tmp_path, extra, needle):
-    r = run_gpt(frozen, ["--shards", str(frozen / "enc-unlabeled"), "--max-steps", "1",
-                         "--out-dir", str(tmp_path), *extra], timeout=120)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert needle in r.stderr.strip().splitlines()[-1], r.stderr
+def test_gpt_user_errors_end_in_one_line(forkrun, frozen, tmp_path, extra, needle):
+    r = forkrun("train_gpt.py", *GPT_ARGS(frozen), "--shards", frozen / "enc-unlabeled", "--max-steps", "1",
+                "--out-dir", tmp_path, *extra)
+    assert_one_error(r, needle)
 
 
-def test_gpt_refuses_shards_of_another_vqgan(frozen, tmp_path):
+def test_gpt_refuses_shards_of_another_vqgan(forkrun, frozen, tmp_path):
     other = VQGANConfig(**{**TINY_VQGAN.to_dict(), "n_codes": 64})
     torch.save({"kind": "vqgan", "config": other.to_dict(), "model": VQGAN(other).state_dict()}, tmp_path / "v.pt")
-    r = subprocess.run([sys.executable, "train_gpt.py", "--vqgan", str(tmp_path / "v.pt"), "--clip",
-                        str(frozen / "clip.pt"), "--shards", str(frozen / "enc-unlabeled"), "--max-steps", "1",
-                        "--out-dir", str(tmp_path / "o")], cwd=REPO, env=_env(), capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode != 0 and "re-run preencode.py" in r.stderr.strip().splitlines()[-1]
+    r = forkrun("train_gpt.py", "--vqgan", tmp_path / "v.pt", "--clip", frozen / "clip.pt", "--shards",
+                frozen / "enc-unlabeled", "--max-steps", "1", "--out-dir", tmp_path / "o")
+    assert_one_error(r, "re-run preencode.py")
 
 
 @pytest.mark.slow  # ~1-2 min: torch.compile's one-off compile of the tiny GPT on a CPU
@@ -199,11 +199,14 @@ def small(tmp_path_factory):
     return root
 
 
+def SMALL_ARGS(small, vqgan="vqgan.pt"):
+    return ["--vqgan", str(small / vqgan), "--clip", str(small / "clip.pt"), "--batch-size", "4", "--no-tensorboard",
+            "--log-every", "1", "--num-workers", "0", "--prompts", "a red circle", "--shapes-train-size", "16",
+            "--shapes-val-size", "4", "--sample-every", "0"]
+
+
 def run_small(small, args, vqgan="vqgan.pt"):
-    return subprocess.run([sys.executable, "train_gpt.py", "--vqgan", str(small / vqgan), "--clip",
-                           str(small / "clip.pt"), "--batch-size", "4", "--no-tensorboard", "--log-every", "1",
-                           "--num-workers", "0", "--prompts", "a red circle", "--shapes-train-size", "16",
-                           "--shapes-val-size", "4", "--sample-every", "0", *args],
+    return subprocess.run([sys.executable, "train_gpt.py", *SMALL_ARGS(small, vqgan), *args],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -234,12 +237,10 @@ def test_gpt_init_from_trains_the_files_weights_from_step_0(small, tmp_path, sou
     ("vqgan32.pt", [], "error: --init-from"),  # the GPT writes 64 codes; this VQGAN has 32
     ("vqgan.pt", ["--cond-drop", "0", "--sample-cfg", "3"], "needs a trained null condition"),  # at start-up
 ])
-def test_gpt_init_from_misfits_end_in_one_line(small, tmp_path, vqgan, extra, needle):
-    r = run_small(small, ["--init-from", str(COMPAT_DIR / "clipgen_gpt_small.pt"), "--max-steps", "1",
-                          "--out-dir", str(tmp_path), *extra], vqgan=vqgan)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and needle in last, last
+def test_gpt_init_from_misfits_end_in_one_line(forkrun, small, tmp_path, vqgan, extra, needle):
+    r = forkrun("train_gpt.py", *SMALL_ARGS(small, vqgan), "--init-from", COMPAT_DIR / "clipgen_gpt_small.pt",
+                "--max-steps", "1", "--out-dir", tmp_path, *extra)
+    last = assert_one_error(r, needle.removeprefix("error: "))
     if vqgan == "vqgan32.pt":
         assert "16 tokens of 64 codes" in last and "16 tokens of 32 codes" in last, last
 

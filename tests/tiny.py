@@ -50,3 +50,12 @@ def write_clipgen_mates(root: Path) -> Path:
     torch.save({"kind": "clip", "open_clip_config": TINY_CLIP, "model": build_open_clip(TINY_CLIP).state_dict()},
                root / "clip.pt")
     return root
+
+
+def tiny_flow(vqgan, **over):
+    """A 1-layer flow prior over `vqgan`'s codes (TINY_VQGAN's grid) from TINY_CLIP's embeddings."""
+    from models.flow import build_flow, vqgan_codebook
+
+    kw = dict(n_tokens=vqgan.cfg.grid_size ** 2, cond_dim=TINY_CLIP["embed_dim"], l2_codes=vqgan.quantize.l2_norm,
+              n_layer=1, n_embd=64, n_head=2)
+    return build_flow("tiny", vqgan_codebook(vqgan), **{**kw, **over})
