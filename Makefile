@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all demo shapes scenes flow venv clean bench
+.PHONY: test test-all demo web shapes scenes flow venv clean bench
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test-all: $(STAMP)
 DEMO_TEXT ?= a large red circle in the top left
 demo: $(STAMP)
 	$(PY) demo.py --text "$(DEMO_TEXT)"
+
+# The web demo on http://127.0.0.1:7860 (app.py; WEB_ARGS="--port 8080 --models DIR").
+web: $(STAMP)
+	$(PY) app.py $(WEB_ARGS)
 
 # Reproduce pretrained/shapes/ from nothing (CLIP, VQGAN, pre-encoding, GPT, export, evaluation); see README.
 shapes: $(STAMP)

@@ -75,3 +75,31 @@ def assert_one_error(r, needle: str = "") -> str:
     assert len(errors) == 1, r.stderr
     assert needle in errors[0], errors[0]
     return errors[0]
+
+
+@pytest.fixture(scope="session")
+def app_server():
+    """`python app.py --port P` on the shipped models, as a user starts it: (gradio_client.Client, port)."""
+    import socket
+    import time
+
+    import gradio_client
+
+    from tests.test_train_vqgan import _env, _free_port
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited: {proc.stdout.read()}")
+            time.sleep(0.2)
+    client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+    yield client, port
+    proc.terminate()
+    proc.wait(timeout=30)

@@ -28,7 +28,7 @@ from tests.conftest import REPO
 
 SCRIPTS = {"demo.py": "demo", "train_vqgan.py": "train_vqgan", "train_gpt.py": "train_gpt",
            "train_clip.py": "train_clip", "preencode.py": "preencode", "evaluate.py": "evaluate",
-           "export.py": "export", "cluster.submit": "cluster.submit"}
+           "export.py": "export", "cluster.submit": "cluster.submit", "app.py": "app"}
 FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
 NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)(e[-+]?\d+)?")
 
