@@ -89,8 +89,13 @@ def generate(driver, prompt: str, expect: int = 4, timeout: float = 60) -> tuple
 
 
 def shown_images(driver) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(urllib.request.urlopen(img.get_attribute("src"), timeout=30).read())).convert("RGB")
-            for img in gallery(driver)]
+    """The gallery's pictures as the browser downloads them: PNG files (the download button saves these)."""
+    out = []
+    for img in gallery(driver):
+        picture = Image.open(io.BytesIO(urllib.request.urlopen(img.get_attribute("src"), timeout=30).read()))
+        assert picture.format == "PNG", picture.format
+        out.append(picture.convert("RGB"))
+    return out
 
 
 def test_prompt_to_gallery_in_a_real_browser(app_server, browser):
