@@ -54,7 +54,8 @@ from engine.checkpoint import CheckpointError  # noqa: E402
 from engine.cli import Parser, UsageError, check_sampling_numbers, run  # noqa: E402
 # Cheap once torch is in (0.03 s): open_clip is imported only by the CLIP loaders that need it.
 from models.clip import looks_like_path  # noqa: E402
-from models.flow import FlowConfig, add_flow_args, apply_flow_args  # noqa: E402
+from models.flow import (FlowConfig, add_flow_args, add_parallel_args, apply_flow_args,  # noqa: E402
+                         apply_parallel_args)
 from models.pipeline import SAMPLING_PRESETS, default_sampling, numbered  # noqa: E402
 from models.refine import add_args as add_refine_args, from_args as refine_from_args  # noqa: E402
 
@@ -123,6 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CUDA: bf16 autocast (auto = bf16); CPU: bf16 stores the GPT's weights in bf16, "
                         "faster for large GPTs (auto = fp32); MPS: fp32")
     add_flow_args(p)
+    add_parallel_args(p)
     g = add_refine_args(p)
     g.description = ("the kept images' latents are moved toward the prompt (or --image's picture) by CLIP's "
                      "gradient, then re-ranked; not for --interpolate")
@@ -295,6 +297,7 @@ def main(args: argparse.Namespace) -> None:
         print(line, flush=True)
     print(resolve_sampling(args, gpt.cfg), flush=True)
     pipe = load_pipeline(paths, device, args, gpt)
+    apply_parallel_args(pipe, args)
     if device.type == "cpu":
         # The flow prior runs a few large batched forwards, which share out like the decoder's convolutions.
         small = pipe.gpt.cfg.n_embd <= SMALL_GPT_WIDTH and not hasattr(pipe.gpt, "n_forwards")

@@ -52,7 +52,7 @@ from evaluation import scenes_eval
 from evaluation.fid import fid, frechet_distance, inception_weights, torch_fidelity
 from evaluation.judge import judge
 from evaluation.refined import RefineTally, add_refine_args, refine_config, refine_markdown, refine_rows
-from models.flow import add_flow_args, apply_flow_args, describe
+from models.flow import add_flow_args, add_parallel_args, apply_flow_args, apply_parallel_args, describe
 from models.pipeline import TextToImage
 
 NAMED = {"all": ("color", "shape", "size", "position"), "color+shape": ("color", "shape"),
@@ -109,6 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results here")
     add_refine_args(p)
     add_flow_args(p)
+    add_parallel_args(p)
     args = p.parse_args(argv)
     if args.prompts is None:
         args.prompts = 100 if args.world == "scenes" else 200
@@ -231,6 +232,7 @@ def main(args, fid_features=None) -> None:
     line = apply_flow_args(pipe.gpt, args)
     if line:
         print(line, flush=True)
+    apply_parallel_args(pipe, args)
     if args.world == "scenes":
         result = scenes_eval.evaluate_scenes(pipe, args)
         text = scenes_eval.markdown(result)
@@ -246,7 +248,8 @@ def main(args, fid_features=None) -> None:
         result.update(dataset=args.dataset, data_path=args.data_path, ema=not args.no_ema, gpt=args.gpt,
                       vqgan=args.vqgan, clip=args.clip)
         text = real_data.markdown(result)
-    result["prior"] = describe(pipe.gpt)
+    result["prior"] = {**describe(pipe.gpt), **({"parallel": pipe.parallel, "window": pipe.window}
+                                                 if pipe.parallel else {})}
     _report(text, result, args.json)
 
 

@@ -441,6 +441,27 @@ def add_flow_args(parser):
     return g
 
 
+def add_parallel_args(parser):
+    """--parallel and --sjd-window (demo.py, evaluate.py): how a GPT decodes."""
+    from engine.cli import at_least
+
+    g = parser.add_argument_group("GPT decoding")
+    g.add_argument("--parallel", choices=["sjd"], default=None,
+                   help="sjd: speculative Jacobi decoding, several tokens per forward, the same distribution "
+                        "(default: one token per forward)")
+    g.add_argument("--sjd-window", type=at_least(1), default=8, help="draft tokens verified per forward (sjd)")
+    return g
+
+
+def apply_parallel_args(pipe, args) -> None:
+    """args.parallel/sjd_window onto a TextToImage; UsageError for --parallel with a flow prior."""
+    if getattr(args, "parallel", None) is None:
+        return
+    if isinstance(pipe.gpt, FlowPrior):
+        raise UsageError("--parallel decodes a GPT's tokens; the flow prior draws whole grids")
+    pipe.parallel, pipe.window = args.parallel, args.sjd_window
+
+
 def apply_flow_args(prior, args) -> str | None:
     """args.flow_steps/flow_solver onto a flow prior (its `steps`, `solver`); UsageError (one line) for them
     on a GPT, and for a top-k or top-p on a flow prior (it has no token distribution to filter). Returns a
@@ -468,5 +489,5 @@ def describe(prior) -> dict:
     return {"kind": "gpt", "n_forwards": prior.cfg.n_tokens}
 
 
-__all__ = ["add_flow_args", "apply_flow_args", "describe", "FlowConfig", "FLOW_PRESETS", "FlowPrior", "SOLVERS", "build_flow", "check_codebook", "load_flow",
+__all__ = ["add_flow_args", "add_parallel_args", "apply_flow_args", "apply_parallel_args", "describe", "FlowConfig", "FLOW_PRESETS", "FlowPrior", "SOLVERS", "build_flow", "check_codebook", "load_flow",
            "load_prior", "timestep_embedding", "vqgan_codebook"]

@@ -276,8 +276,12 @@ class GPT(nn.Module):
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, cfg_scale: float = 1.0, generator: torch.Generator | None = None,
-               n_tokens: int | None = None, first_tokens: torch.Tensor | None = None) -> torch.Tensor:
+               n_tokens: int | None = None, first_tokens: torch.Tensor | None = None, parallel: str | None = None,
+               window: int = 8) -> torch.Tensor:
         """cond (B, cond_dim) -> tokens (B, n_tokens), drawn one at a time with a KV cache.
+
+        parallel="sjd": speculative Jacobi decoding (sample_sjd), `window` draft tokens verified per forward;
+        the same distribution, fewer sequential forwards.
 
         Per step: the last position's logits; guidance null + cfg_scale * (cond - null) from one batched
         forward of 2B rows (skipped when cfg_scale == 1); / temperature; top-k; top-p nucleus; multinomial
@@ -287,6 +291,12 @@ class GPT(nn.Module):
         self.cfg.check_guidance(cfg_scale)
         if temperature <= 0:
             raise ValueError("temperature must be > 0 (use top_k=1 for greedy decoding)")
+        if parallel is not None:
+            if parallel != "sjd":
+                raise ValueError(f"parallel {parallel!r}: the one parallel decoder is 'sjd'")
+            if first_tokens is not None:
+                raise ValueError("parallel='sjd' starts from the condition alone (no first_tokens)")
+            return self.sample_sjd(cond, temperature, top_k, top_p, cfg_scale, generator, n_tokens, window)
         n_tokens = n_tokens or self.cfg.n_tokens
         B, device = cond.shape[0], cond.device
         out = torch.empty(B, n_tokens, dtype=torch.long, device=device)
@@ -312,6 +322,89 @@ class GPT(nn.Module):
                 out[:, i] = feed[:, 0]
         finally:
             self.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def sample_sjd(self, cond: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, cfg_scale: float = 1.0, generator: torch.Generator | None = None,
+                   n_tokens: int | None = None, window: int = 8) -> torch.Tensor:
+        """Speculative Jacobi decoding (Teng et al., ICLR 2025): every position not yet final holds a draft
+        token x drawn from a draft distribution q (uniform at first). Each forward feeds the window of drafts
+        after the last cached token and gives, at every position of the window, the model's distribution p
+        given the tokens before it; per row, drafts are accepted left to right with probability
+        min(1, p(x) / q(x)), the first rejected one is replaced by a draw from norm(max(0, p - q)) and
+        becomes final, and the drafts after it are drawn again from their new p (which becomes their q).
+        This is speculative sampling, so each grid is drawn from exactly the distribution one-token
+        decoding draws from (with the same guidance, temperature, top-k and top-p), in fewer forwards;
+        with top_k=1 it is greedy decoding. Rows accept different numbers of tokens; the KV cache keeps the
+        tokens final in every row (rows ahead feed their final tokens again), and `self.last_forwards`
+        counts the forwards of the last call."""
+        if window < 1:
+            raise ValueError(f"window must be at least 1, not {window}")
+        N = n_tokens or self.cfg.n_tokens
+        B, device, V, P = cond.shape[0], cond.device, self.cfg.vocab_size, self.cfg.n_prefix
+        guided = cfg_scale != 1.0
+        cond_drop = None
+        if guided:
+            cond = torch.cat([cond, cond])
+            cond_drop = torch.arange(2 * B, device=device) >= B
+        cache = self.new_kv_cache(cond.shape[0], P + N - 1)
+        out = torch.randint(0, V, (B, N), device=device, generator=generator)    # drafts, then final tokens
+        q = torch.full((B, N, V), 1.0 / V, device=device)                       # each draft's distribution
+        final = torch.zeros(B, dtype=torch.long, device=device)                 # tokens final per row
+        rows = torch.arange(B, device=device)
+        c, forwards = 0, 0       # tokens cached (final in every row, fed unchanged), forwards run
+        was_training = self.training
+        self.eval()
+        try:
+            while int(final.min()) < N:
+                w = min(window, N - 1 - c)                  # drafts fed; distributions for positions c..c+w
+                if c == 0:
+                    cache.length = 0
+                    feed = out[:, :w]
+                else:
+                    cache.length = P + c - 1
+                    feed = out[:, c - 1:c + w]
+                logits = self(feed.repeat(2, 1) if guided else feed, cond if c == 0 else None,
+                              cond_drop if c == 0 else None, kv_cache=cache)[:, -(w + 1):].float()
+                forwards += 1
+                if guided:
+                    cl, ul = logits.chunk(2)
+                    logits = ul + cfg_scale * (cl - ul)
+                flat = filter_logits((logits / temperature).flatten(0, 1), top_k, top_p)
+                p = F.softmax(flat, dim=-1).view(B, w + 1, V)                    # positions c..c+w
+                open_rows = final < N
+                for i in range(w + 1):
+                    j = c + i
+                    test = open_rows & (final == j)            # rows whose first non-final position is j
+                    if not bool(test.any()):
+                        continue
+                    x = out[:, j]
+                    px, qx = p[rows, i, x], q[rows, j, x]
+                    u = torch.rand(B, device=device, generator=generator)
+                    accept = test & (u * qx <= px)
+                    reject = test & ~accept
+                    final = torch.where(accept, final + 1, final)
+                    if bool(reject.any()):
+                        residual = (p[:, i] - q[:, j]).clamp_min(0)
+                        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, i])
+                        new = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+                        out[:, j] = torch.where(reject, new, out[:, j])
+                        final = torch.where(reject, final + 1, final)
+                        open_rows = open_rows & ~reject  # the rest of the window is drawn again below
+                # Jacobi step: every position of the window that is not final gets a new draft from its p.
+                pos = torch.arange(c, c + w + 1, device=device)
+                redraft = pos[None, :] >= final[:, None]                            # (B, w + 1)
+                if bool(redraft.any()):
+                    fresh = torch.multinomial(p.flatten(0, 1), 1, generator=generator).view(B, w + 1)
+                    out[:, c:c + w + 1] = torch.where(redraft, fresh, out[:, c:c + w + 1])
+                    q[:, c:c + w + 1] = torch.where(redraft[..., None], p, q[:, c:c + w + 1])
+                # The fewest final tokens of any row: every row's tokens before it are final, and all but the
+                # last of them were fed unchanged, so they stay cached (the last is fed again next time).
+                c = int(final.min())
+        finally:
+            self.train(was_training)
+        self.last_forwards = forwards
         return out
 
     # ----------------------------------------------------------------------------------------- optimiser

@@ -94,6 +94,10 @@ class TextToImage:
             self.gpt.codebook = vqgan_codebook(self.vqgan).to(self.device)
         self._gpt_dtype = next(self.gpt.parameters()).dtype
         self.refine_threads: int | None = None  # CPU threads for refinement (None: as set); demo.py sets it
+        # The GPT's decoder: None (one token per forward) or "sjd" (speculative Jacobi decoding, `window`
+        # drafts verified per forward: the same distribution in fewer forwards; models/gpt.py sample_sjd).
+        self.parallel: str | None = None
+        self.window = 8
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, device=None, precision: str = "auto",
@@ -144,8 +148,9 @@ class TextToImage:
         for start in range(0, len(conds), batch_size):
             c = conds[start:start + batch_size]
             with self._autocast(), _token_progress(self.gpt, progress, start, len(c)):
+                extra = {"parallel": self.parallel, "window": self.window} if self.parallel else {}
                 t = self.gpt.sample(c.to(self._gpt_dtype), temperature=temperature, top_k=top_k, top_p=top_p,
-                                    cfg_scale=cfg_scale, generator=g)
+                                    cfg_scale=cfg_scale, generator=g, **extra)
                 x = self.vqgan.decode_indices(t.view(len(c), side, side))
             images.append(x.float().clamp(-1, 1))
             tokens.append(t.view(len(c), side, side))

@@ -364,3 +364,63 @@ def test_load_gpt_errors(tmp_path):
 
 def test_clipgen_vqgan_is_refused_as_gpt():
     _one_line_error(COMPAT_DIR / "clipgen_vqgan_small.pt", "not a GPT checkpoint we know")
+
+
+# ------------------------------------------------------------------------- speculative Jacobi decoding
+
+def _peaked_gpt(vocab=8, n_tokens=16):
+    """A small random GPT whose next-token distributions are far from uniform and depend on the prefix."""
+    from models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab, n_tokens=n_tokens, cond_dim=8, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return model
+
+
+def _chi2_two_sample(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    ca, cb = torch.bincount(a, minlength=k).double(), torch.bincount(b, minlength=k).double()
+    keep = (ca + cb) > 0
+    ca, cb = ca[keep], cb[keep]
+    na, nb = ca.sum(), cb.sum()
+    return float((((ca * (nb / na).sqrt() - cb * (na / nb).sqrt()) ** 2) / (ca + cb)).sum()), int(keep.sum()) - 1
+
+
+# chi-square critical values at p = 0.001 for the degrees of freedom the test meets
+_CHI2_001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
+@pytest.mark.parametrize("kw", [{}, {"cfg_scale": 2.0, "top_k": 5}, {"temperature": 0.7, "top_p": 0.9}])
+def test_sjd_draws_what_one_token_decoding_draws(kw):
+    """Per position and for adjacent pairs, the tokens of 3000 grids drawn with parallel='sjd' and 3000 drawn
+    one token at a time come from the same distribution (two-sample chi-square at p = 0.001), with fewer
+    forwards."""
+    model = _peaked_gpt()
+    cond = F.normalize(torch.randn(1, 8, generator=torch.Generator().manual_seed(1)), dim=-1).expand(3000, -1)
+    plain = model.sample(cond, generator=torch.Generator().manual_seed(2), **kw)
+    sjd = model.sample(cond, generator=torch.Generator().manual_seed(3), parallel="sjd", window=6, **kw)
+    assert model.last_forwards < 16
+    for pos in (0, 1, 2, 7, 15):
+        stat, df = _chi2_two_sample(plain[:, pos], sjd[:, pos], 8)
+        assert df == 0 or stat < _CHI2_001[df], (pos, stat, df)
+    for pos in (1, 8):  # pairs: the joint distribution, not only the marginals (64 cells, 63 df at most)
+        stat, df = _chi2_two_sample(plain[:, pos - 1] * 8 + plain[:, pos], sjd[:, pos - 1] * 8 + sjd[:, pos], 64)
+        assert stat < df + 3.1 * (2 * df) ** 0.5 + 10, (pos, stat, df)  # ~ the 0.001 tail for df near 60
+
+
+def test_sjd_greedy_equals_greedy_and_refuses_what_it_cannot_do():
+    model = _peaked_gpt(vocab=32, n_tokens=24)
+    cond = F.normalize(torch.randn(5, 8), dim=-1)
+    for scale in (1.0, 3.0):
+        for window in (1, 4, 30):
+            want = model.sample(cond, top_k=1, cfg_scale=scale)
+            assert torch.equal(model.sample(cond, top_k=1, cfg_scale=scale, parallel="sjd", window=window), want)
+    with pytest.raises(ValueError, match="window"):
+        model.sample(cond, parallel="sjd", window=0)
+    with pytest.raises(ValueError, match="'sjd'"):
+        model.sample(cond, parallel="zipar")
+    with pytest.raises(ValueError, match="first_tokens"):
+        model.sample(cond, parallel="sjd", first_tokens=torch.zeros(5, 2, dtype=torch.long))

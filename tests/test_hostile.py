@@ -201,6 +201,8 @@ def bad_inputs(f):
         ("demo prior and gpt", demo + ["--prior", "flow", "--gpt", shipped / "gpt.safetensors"], "give one of them"),
         ("demo flow steps on a gpt", demo + ["--flow-steps", "3"], "is for the flow prior"),
         ("demo top-k on the flow prior", demo + ["--prior", "flow", "--top-k", "5"], "--top-k filters"),
+        ("demo sjd on the flow prior", demo + ["--prior", "flow", "--parallel", "sjd"], "--parallel decodes"),
+        ("demo sjd window 0", demo + ["--parallel", "sjd", "--sjd-window", "0"], "--sjd-window"),
         ("evaluate flow steps on a gpt", ev + ["--flow-steps", "3"], "is for the flow prior"),
         ("evaluate flow steps -1", ev + ["--flow-steps", "-1"], "--flow-steps"),
     ]
