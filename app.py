@@ -105,6 +105,18 @@ class Models:
             return self.loaded[(name, prior)]
 
 
+def counts(candidates, keep) -> tuple[int, int]:
+    n, k = check("candidates", candidates, integer=True), check("keep", keep, integer=True)
+    if k > n:
+        raise ValueError(f"keep ({k}) cannot be more than the candidates ({n})")
+    return n, k
+
+
+def reporter(progress, total: int, what: str):
+    """pipeline progress (units done) -> gr.Progress fraction, or None without a progress bar."""
+    return None if progress is None else (lambda done: progress(min(done / total, 1.0), desc=what))
+
+
 def check(name: str, value, integer: bool = False):
     """value within LIMITS[name] (and whole when integer), else ValueError naming the control."""
     low, high = LIMITS[name]
@@ -153,16 +165,12 @@ class Demo:
 
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("type a prompt first, e.g. \"a red circle in the top left\"")
-        n = check("candidates", candidates, integer=True)
-        k = check("keep", keep, integer=True)
-        if k > n:
-            raise ValueError(f"keep ({k}) cannot be more than the candidates ({n})")
+        n, k = counts(candidates, keep)
         kw = self._sampling(prior, temperature, top_k, top_p, guidance, seed)
         refine = RefineConfig(steps=check("refine_steps", refine_steps, integer=True))
         pipe = self._pipe(model, prior, flow_steps)
         pipe.gpt.cfg.check_guidance(kw["cfg_scale"])
-        report = None if progress is None else (lambda done: progress(min(done / n, 1.0), desc="drawing candidates"))
-        gen = pipe(prompt, n, k, refine=refine, progress=report, **kw)
+        gen = pipe(prompt, n, k, refine=refine, progress=reporter(progress, n, "drawing candidates"), **kw)
         return [(img, f"CLIP {s:.3f}") for img, s in zip(to_pil(gen.images), gen.scores.tolist())]
 
     def variations(self, picture, model: str, prior: str = "gpt", candidates=16, keep=4, guidance=1.0, seed=0,
@@ -171,14 +179,11 @@ class Demo:
 
         if picture is None:
             raise ValueError("upload a picture first")
-        n, k = check("candidates", candidates, integer=True), check("keep", keep, integer=True)
-        if k > n:
-            raise ValueError(f"keep ({k}) cannot be more than the candidates ({n})")
+        n, k = counts(candidates, keep)
         pipe = self._pipe(model, prior, flow_steps)
         kw = {"cfg_scale": check("guidance", guidance), "seed": check("seed", seed, integer=True)}
         pipe.gpt.cfg.check_guidance(kw["cfg_scale"])
-        report = None if progress is None else (lambda done: progress(min(done / n, 1.0), desc="drawing candidates"))
-        gen = pipe.variations(picture, n, k, progress=report, **kw)
+        gen = pipe.variations(picture, n, k, progress=reporter(progress, n, "drawing candidates"), **kw)
         return [(img, f"CLIP {s:.3f}") for img, s in zip(to_pil(gen.images), gen.scores.tolist())]
 
     def interpolate(self, prompt_a: str, prompt_b: str, model: str, prior: str = "gpt", steps=8, guidance=1.0,
@@ -192,8 +197,7 @@ class Demo:
         pipe = self._pipe(model, prior, flow_steps)
         kw = {"cfg_scale": check("guidance", guidance), "seed": check("seed", seed, integer=True)}
         pipe.gpt.cfg.check_guidance(kw["cfg_scale"])
-        report = None if progress is None else (lambda done: progress(min(done / n, 1.0), desc="drawing the strip"))
-        gen = pipe.interpolate(prompt_a, prompt_b, steps=n, progress=report, **kw)
+        gen = pipe.interpolate(prompt_a, prompt_b, steps=n, progress=reporter(progress, n, "drawing the strip"), **kw)
         return [(img, f"{i / (n - 1):.2f}") for i, img in enumerate(to_pil(gen.images))]
 
 

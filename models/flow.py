@@ -283,15 +283,6 @@ class FlowPrior(nn.Module):
             return out.argmax(-1)
         return self.snap(x + (1 - t.float()[:, None, None]) * out)
 
-    def loss(self, tokens: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-             cond_drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training loss of token grids (B, T) at times t (B,) from noise (B, T, d), and the network's
-        output there."""
-        x1 = self.latents(tokens)
-        tt = t.float()[:, None, None]
-        out = self((1 - tt) * noise + tt * x1, t, cond, cond_drop)
-        return self.objective_loss(out, tokens, x1, noise), out
-
     # --------------------------------------------------------------------------------------- sampling
 
     @property

@@ -26,20 +26,24 @@ PRELOAD = ("torch", "torchvision", "PIL.Image", "safetensors.torch", "open_clip"
            "models.vqgan", "evaluation.scenes_eval", "evaluation.zero_shot")
 
 
+def on_dev_full(real_mkstemp):
+    """A tempfile.mkstemp whose files are links to /dev/full: every write to them fails with ENOSPC."""
+    def mkstemp(*args, **kwargs):
+        fd, path = real_mkstemp(*args, **kwargs)
+        os.close(fd)
+        os.unlink(path)
+        os.symlink("/dev/full", path)
+        return os.open(path, os.O_WRONLY), path
+
+    return mkstemp
+
+
 def disk_full() -> None:
     """atomic_write's temporary files become links to /dev/full: its writes fail with ENOSPC."""
     import engine.checkpoint as ckpt
 
-    real = ckpt.tempfile.mkstemp
-
     class Tempfile:
-        @staticmethod
-        def mkstemp(*args, **kwargs):
-            fd, path = real(*args, **kwargs)
-            os.close(fd)
-            os.unlink(path)
-            os.symlink("/dev/full", path)
-            return os.open(path, os.O_WRONLY), path
+        mkstemp = staticmethod(on_dev_full(ckpt.tempfile.mkstemp))
 
     ckpt.tempfile = Tempfile
 

@@ -1,6 +1,7 @@
 """app.py as a user runs it (`python app.py --port P`), called through its API with gradio_client: the images
 are right by the Shapes judge, bad requests are messages and the server keeps serving, overlapping requests
 both finish, the flow prior and variations work, and it listens on localhost only by default."""
+import os
 import socket
 
 import gradio_client
@@ -81,6 +82,11 @@ def test_flow_prior_variations_and_interpolation_through_the_api(server, tmp_pat
 
 def test_it_listens_on_localhost_only_by_default(server):
     _, port = server
+    tables = [t for t in ("/proc/net/tcp", "/proc/net/tcp6") if os.path.exists(t)]
+    if tables:  # Linux: the listening socket's own address (state 0A = LISTEN)
+        listening = [line.split()[1] for t in tables for line in open(t).read().splitlines()[1:]
+                     if line.split()[3] == "0A" and int(line.split()[1].rsplit(":", 1)[1], 16) == port]
+        assert listening == ["0100007F:" + f"{port:04X}"], listening  # 127.0.0.1 only, no 0.0.0.0 or ::
     addresses = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
     outside = [a for a in addresses if not a.startswith("127.")]
     for address in outside:

@@ -283,16 +283,9 @@ def test_atomic_write_on_a_full_disk_raises_one_line_and_keeps_the_file(tmp_path
         pytest.skip("needs /dev/full")
     target = tmp_path / "latest.pt"
     ckpt.atomic_save({"step": 1}, target)
-    real = ckpt.tempfile.mkstemp
+    from tests.forkrun import on_dev_full
 
-    def full(*args, **kwargs):
-        fd, path = real(*args, **kwargs)
-        os.close(fd)
-        os.unlink(path)
-        os.symlink("/dev/full", path)
-        return os.open(path, os.O_WRONLY), path
-
-    monkeypatch.setattr(ckpt.tempfile, "mkstemp", full)
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", on_dev_full(ckpt.tempfile.mkstemp))
     with pytest.raises(ckpt.DiskFullError, match="No space left on device") as e:
         ckpt.atomic_save({"step": 2, "w": torch.zeros(10_000)}, target)
     assert "\n" not in str(e.value)
