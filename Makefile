@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all demo web shapes scenes flow venv clean bench
+.PHONY: test test-all demo web shapes scenes flow venv clean bench gpu-wheels
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ flow: $(STAMP)
 # Benchmarks (bench/): results in bench/results/<machine>-<date>.json and .md. BENCH_ARGS="--only sampling --threads 2"
 bench: $(STAMP)
 	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+# Every GPU benchmark in one run (< 5 min on an H100-class GPU): on the GPU machine, `bash bench/gpu.sh`.
+# Its Python lacks open_clip & co.: this downloads their wheels into .whl/ (carried there, installed by gpu.sh).
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
+		open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 lpips==0.1.4
 
 clean:
 	rm -rf runs .pytest_cache

@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench import common as C  # noqa: E402
 from engine import distributed as D  # noqa: E402
+from models import packed  # noqa: E402
 from models.gpt import GPT, GPTConfig, draw  # noqa: E402
 
 SHAPES_GPT = C.REPO / "pretrained" / "shapes" / "gpt.safetensors"
@@ -113,6 +114,68 @@ def check_greedy_agreement(gpt: GPT, cond: torch.Tensor, n_tokens: int, seed: in
     return out
 
 
+# ------------------------------------------------------------------------------------ the fast paths
+
+BEFORE_FP32, BEFORE_BF16 = "one token, F.linear (before)", "one token, F.linear, bf16 weights (before)"
+
+
+def unpacked(gpt: GPT, dtype: torch.dtype | None = None) -> GPT:
+    """A copy that decodes through F.linear (MKL on a CPU): the sampler before prepacked weights."""
+    m = copy.deepcopy(gpt)
+    if dtype is not None:
+        m = m.to(dtype)
+    m.pack_decoding = False
+    return m
+
+
+def decoders(gpt: GPT, cond: torch.Tensor, device: torch.device, bf16) -> list[dict]:
+    """The decoders a case compares: the sampler as it was (fp32 and bf16 weights through F.linear) and
+    the fast paths (prepacked weights on a CPU, static or CUDA-graph steps, speculative Jacobi decoding)."""
+    def v(name, model, precision="fp32", amp=None, before=False, **kw):
+        c = cond.to(next(model.parameters()).dtype)
+        return dict(name=name, model=model, cond=c, precision=precision, amp=amp, before=before, kw=kw)
+
+    out = [v(BEFORE_FP32, unpacked(gpt), before=True),
+           v(BEFORE_BF16, unpacked(gpt, torch.bfloat16), "bf16 weights", before=True)]
+    if device.type == "cpu":
+        out.append(v("one token, packed (default)", gpt))
+        if packed.supported(torch.bfloat16):
+            out.append(v("one token, packed, bf16 weights", copy.deepcopy(gpt).to(torch.bfloat16), "bf16 weights"))
+        out.append(v("one token, packed, static step", gpt, step="static"))
+    else:
+        out.append(v("one token, cuda-graph step", gpt, step="cuda-graph"))
+        if bf16 is not None:
+            out.append(v("one token, bf16 autocast", gpt, "bf16 autocast", amp=bf16))
+            out.append(v("one token, bf16 autocast, cuda-graph step", gpt, "bf16 autocast", amp=bf16,
+                         step="cuda-graph"))
+        out.append(v("one token, bf16 weights, cuda-graph step", out[1]["model"], "bf16 weights",
+                     step="cuda-graph"))
+    for window in (4, 8):
+        out.append(v(f"sjd window {window}", gpt, parallel="sjd", window=window))
+    return out
+
+
+def check_fast_paths(gpt: GPT, cond: torch.Tensor, n_tokens: int, variants: list[dict]) -> dict:
+    """Assert every fp32 fast path draws the plain sampler's tokens under greedy decoding (top_k=1) and, for
+    the one-token paths, with the same seed: the speed-ups compare like with like."""
+    out = {}
+    ref = {scale: project_sample(variants[0]["model"], cond, None, top_k=1, cfg_scale=scale, n_tokens=n_tokens)
+           for scale in (1.0, 2.0)}
+    for v in variants[2:]:
+        if v["precision"] != "fp32":
+            continue
+        for scale in (1.0, 2.0):
+            got = project_sample(v["model"], cond, None, top_k=1, cfg_scale=scale, n_tokens=n_tokens, **v["kw"])
+            assert torch.equal(got, ref[scale]), f"{v['name']} disagrees with plain greedy decoding (cfg {scale})"
+        if "parallel" not in v["kw"]:
+            a, b = (project_sample(m, cond, None, top_k=50, cfg_scale=2.0, n_tokens=n_tokens,
+                                   generator=torch.Generator(cond.device).manual_seed(3), **kw)
+                    for m, kw in ((variants[0]["model"], {}), (v["model"], v["kw"])))
+            assert torch.equal(a, b), f"{v['name']} draws other tokens than the plain sampler for a seed"
+    out["fast_paths_greedy_identical"] = True
+    return out
+
+
 # ------------------------------------------------------------------------------------------- cases
 
 def sizes(quick: bool, device: torch.device | None = None) -> dict[str, dict]:
@@ -174,8 +237,9 @@ def run_case(name: str, quick: bool, device: torch.device) -> list[dict]:
               "params_m": sum(p.numel() for p in gpt.parameters()) / 1e6, "batch": B, "tokens": n_tok}
     check = check_greedy_agreement(gpt, cond, spec["check_tokens"])
     bf16 = D.autocast_dtype("auto", device)
-    gpt_bf16 = copy.deepcopy(gpt).to(torch.bfloat16) if bf16 is not None else None
     sample_kw = dict(temperature=1.0, top_k=100 if cfg.vocab_size > 100 else None, n_tokens=n_tok)
+    variants = decoders(gpt, cond, device, bf16)
+    check.update(check_fast_paths(gpt, cond, spec["check_tokens"], variants))
     bandwidth = C.measure_bandwidth(device)
     rows = []
     for scale in (1.0, 2.0):
@@ -197,27 +261,27 @@ def run_case(name: str, quick: bool, device: torch.device) -> list[dict]:
             C.sync(device)
             return time.perf_counter() - t, {}
 
-        variants = [("fp32", None, gpt, cond)]
-        if bf16 is not None:
-            variants.append(("bf16 autocast", bf16, gpt, cond))
-            # Weights stored in bf16 (no per-step casts): half the bytes each decode step reads.
-            variants.append(("bf16 weights", None, gpt_bf16, cond.to(torch.bfloat16)))
-        runs = [lambda model=model, c_in=c_in, amp=amp: project_sample(model, c_in, amp, cfg_scale=scale,
-                                                                       generator=seeded(), **sample_kw)
-                for _, amp, model, c_in in variants]
+        forwards = [[] for _ in variants]
+
+        def run(i):
+            v = variants[i]
+            project_sample(v["model"], v["cond"], v["amp"], cfg_scale=scale, generator=seeded(), **sample_kw,
+                           **v["kw"])
+            forwards[i].append(v["model"].last_forwards if "parallel" in v["kw"] else n_tok)
+
         naive_sample(gpt, cond, cfg_scale=scale, generator=seeded(), n_tokens=2, **nk)   # warm-ups
-        for run in runs:
-            run()
+        for i in range(len(variants)):
+            run(i)
         # Rounds of naive, then each project variant: the VM's speed drift hits them alike.
-        naive_times, fits, times = [], [], [[] for _ in runs]
+        naive_times, fits, times = [], [], [[] for _ in variants]
         for _ in range(reps):
             t, fit = naive_once()
             naive_times.append(t)
             fits.append(fit)
-            for i, run in enumerate(runs):
+            for i in range(len(variants)):
                 C.sync(device)
                 t0 = time.perf_counter()
-                run()
+                run(i)
                 C.sync(device)
                 times[i].append(time.perf_counter() - t0)
         naive_s = statistics.median(naive_times)
@@ -226,37 +290,56 @@ def run_case(name: str, quick: bool, device: torch.device) -> list[dict]:
         rows.append({**common, "cfg_scale": scale, "sampler": "naive (no cache)", "precision": "fp32",
                      "seconds": naive_s, "times_s": naive_times, "tokens_per_s": B * n_tok / naive_s,
                      "images_per_s": B / naive_s, "speedup_vs_naive": 1.0, "measured": naive_note,
-                     **fits[naive_times.index(sorted(naive_times)[(reps - 1) // 2])], **check})
-        for (prec, amp, _, _), ts in zip(variants, times):
+                     "forwards": n_tok, **fits[naive_times.index(sorted(naive_times)[(reps - 1) // 2])], **check})
+        before = {v["name"]: ts for v, ts in zip(variants, times) if v["before"]}
+        for v, ts, fw in zip(variants, times, forwards):
             s = statistics.median(ts)
-            # Memory-bandwidth floor of a decode step: weights (fp32 unless stored in bf16) and the KV cache
-            # (in the dtype attention runs in) read once per step, over the measured copy bandwidth.
-            wb, kvb = (2, 2) if prec == "bf16 weights" else (4, 2) if amp is not None else (4, 4)
-            floor = C.decode_bytes_per_step(cfg, B * (2 if scale != 1.0 else 1), n_tok, wb, kvb) / (bandwidth * 1e9)
-            step_ms = s / n_tok * 1e3
-            rows.append({**common, "cfg_scale": scale, "sampler": "project (KV cache)", "precision": prec,
-                         "seconds": s, "min_s": min(ts), "max_s": max(ts), "times_s": ts,
-                         "tokens_per_s": B * n_tok / s, "images_per_s": B / s,
-                         "speedup_vs_naive": C.round_ratio(naive_times, ts),
-                         "measured": f"all {n_tok} steps, median of {reps} after 1 warm-up",
-                         "step_ms": step_ms, "floor_ms": floor * 1e3, "floor_share": floor * 1e3 / step_ms,
-                         "bandwidth_gbs": bandwidth, **check})
+            n_fw = statistics.median(fw[1:] or fw)                  # the timed runs (the first is the warm-up)
+            row = {**common, "cfg_scale": scale, "sampler": v["name"], "precision": v["precision"],
+                   "seconds": s, "min_s": min(ts), "max_s": max(ts), "times_s": ts, "forwards": n_fw,
+                   "tokens_per_s": B * n_tok / s, "images_per_s": B / s,
+                   "speedup_vs_naive": C.round_ratio(naive_times, ts),
+                   "min_speedup_vs_naive": min(n / t for n, t in zip(naive_times, ts)),
+                   "measured": f"all {n_tok} steps, median of {reps} after 1 warm-up", "bandwidth_gbs": bandwidth,
+                   **{f"x_{k}": C.round_ratio(b, ts) for k, b in before.items()}, **check}
+            if "parallel" not in v["kw"]:
+                # Memory-bandwidth floor of a decode step: weights (fp32 unless stored in bf16) and the KV
+                # cache (in the dtype attention runs in) read once per step, over the measured copy bandwidth.
+                wb, kvb = (2, 2) if v["precision"] == "bf16 weights" else (4, 2) if v["amp"] is not None else (4, 4)
+                floor = C.decode_bytes_per_step(cfg, B * (2 if scale != 1.0 else 1), n_tok, wb, kvb) / (bandwidth * 1e9)
+                step_ms = s / n_tok * 1e3
+                row.update(step_ms=step_ms, floor_ms=floor * 1e3, floor_share=floor * 1e3 / step_ms)
+            rows.append(row)
     return rows
 
 
 COLUMNS = [("case", "model"), ("params_m", "params (M)"), ("batch", "batch"), ("tokens", "tokens"),
            ("cfg_scale", "cfg"), ("sampler", "sampler"), ("precision", "precision"), ("seconds", "s / batch"),
-           ("tokens_per_s", "tokens/s"), ("images_per_s", "images/s"), ("speedup_vs_naive", "× naive"),
+           ("forwards", "forwards / batch"), ("tokens_per_s", "tokens/s"), ("images_per_s", "images/s"),
+           ("speedup_vs_naive", "× naive"), ("min_speedup_vs_naive", "× naive (worst run)"),
+           (f"x_{BEFORE_FP32}", "× before fp32"), (f"x_{BEFORE_BF16}", "× before bf16 weights"),
            ("greedy_identical_cfg1", "greedy = (cfg 1)"), ("greedy_identical_cfg2", "greedy = (cfg 2)"),
+           ("fast_paths_greedy_identical", "fast paths = plain"),
            ("step_ms", "ms / step"), ("floor_ms", "bandwidth floor (ms)"), ("floor_share", "floor / step"),
            ("measured", "what was timed"), ("peak_rss_mb", "peak RSS (MiB)")]
 
 NOTES = [
     "naive: full recompute of the sequence every step, no KV cache, fp32, explicit attention; same weights, "
     "same temperature/top-k (top_k=100) and draw (models.gpt.draw) as the project sampler.",
-    "project: models.gpt.GPT.sample (KV cache), called as models/pipeline.py calls it; bf16 autocast row where "
-    "engine.distributed.autocast_dtype('auto') picks bf16 (the pipeline itself autocasts on CUDA only); "
-    "bf16 weights: a copy of the GPT stored in bf16 (no per-step casts), same sampler.",
+    "project rows: models.gpt.GPT.sample (KV cache), called as models/pipeline.py calls it. '(before)': the "
+    "sampler before issue 18, every Linear through F.linear (MKL on a CPU), fp32 and with the weights stored in "
+    "bf16; 'packed': the default now, weights prepacked for oneDNN (models/packed.py; bf16 only where oneDNN "
+    "packs bf16 on this CPU); 'static step': fixed-shape KV cache (GPT.step_static); on CUDA the 'cuda-graph' "
+    "rows replay the static step as a CUDA graph and bf16 autocast is what the pipeline uses; 'sjd window k': "
+    "speculative Jacobi decoding with k drafts per forward, packed weights.",
+    "forwards / batch: sequential forward passes per batch of grids (the one-token decoders: one per token; "
+    "SJD: median over the timed runs). They do not drift with the machine. On random weights SJD accepts "
+    "few drafts: the distributions barely depend on the context, but the top-k set does, so drafts keep "
+    "missing it (trained models accept more: bench/sjd.py on the shipped GPTs).",
+    "× before fp32 / × before bf16 weights: wall-time ratio to that '(before)' row, the median of the "
+    "within-round ratios; × naive (worst run): the smallest ratio of any round.",
+    "fast paths = plain: every fp32 fast path draws the plain sampler's tokens under greedy decoding (cfg 1 "
+    "and 2), and the one-token paths also with top-k 50 and a seed (asserted before timing).",
     "greedy =: naive and project (fp32) samplers produce identical tokens with top_k=1, same seed (asserted).",
     "8x512 and gpt2-medium: random weights, 16384-code vocabulary, 512-d condition (CLIP-GEN's f16-16384 sizes).",
     "peak RSS: per case (fresh subprocess), covering all samplers of that case.",

@@ -46,10 +46,14 @@ def sizes(quick: bool) -> dict:
             # Opt-in (--cases clipgen-compile): the shards step eager vs torch.compile'd (train_gpt --compile);
             # the first compiled step includes the compile.
             "clipgen-compile": dict(preset="small", batch=8, steps=4, warmup=1, items=40, frozen="clipgen",
+                                    compile=True),
+            # Opt-in, for a GPU (bench/gpu.sh): CLIP-GEN's gpt2-medium GPT over 256 tokens in bf16, eager and
+            # compiled: the MFU target (>= 40%).
+            "gpt2-medium-mfu": dict(preset="gpt2-medium", batch=32, steps=8, warmup=2, items=64, frozen="clipgen",
                                     compile=True)}
 
 
-OPT_IN = {"clipgen-compile"}  # minutes of compiling on a CPU: run only when named
+OPT_IN = {"clipgen-compile", "gpt2-medium-mfu"}  # minutes on a CPU: run only when named
 
 
 VIT_B_32 = {"embed_dim": 512,

@@ -441,16 +441,26 @@ def add_parallel_args(parser):
                    help="sjd: speculative Jacobi decoding, several tokens per forward, the same distribution "
                         "(default: one token per forward)")
     g.add_argument("--sjd-window", type=at_least(1), default=8, help="draft tokens verified per forward (sjd)")
+    g.add_argument("--decode-step", choices=["eager", "static", "cuda-graph"], default="eager",
+                   help="how one-token steps run: eager; static (fixed-shape KV cache); cuda-graph (the static "
+                        "step captured once and replayed, CUDA only); the same tokens for a seed")
     return g
 
 
 def apply_parallel_args(pipe, args) -> None:
-    """args.parallel/sjd_window onto a TextToImage; UsageError for --parallel with a flow prior."""
-    if getattr(args, "parallel", None) is None:
+    """args.parallel/sjd_window/decode_step onto a TextToImage; UsageError for what cannot be combined."""
+    parallel, step = getattr(args, "parallel", None), getattr(args, "decode_step", "eager")
+    if parallel is None and step == "eager":
         return
     if isinstance(pipe.gpt, FlowPrior):
-        raise UsageError("--parallel decodes a GPT's tokens; the flow prior draws whole grids")
-    pipe.parallel, pipe.window = args.parallel, args.sjd_window
+        raise UsageError(f"--{'parallel' if parallel else 'decode-step'} is for a GPT's token decoding; "
+                         "the flow prior draws whole grids")
+    if parallel is not None and step != "eager":
+        raise UsageError(f"--parallel {parallel} feeds windows of tokens; --decode-step {step} is for "
+                         "one-token steps")
+    if step == "cuda-graph" and pipe.device.type != "cuda":
+        raise UsageError(f"--decode-step cuda-graph needs a CUDA device; the models run on {pipe.device.type}")
+    pipe.parallel, pipe.window, pipe.step = parallel, args.sjd_window, step
 
 
 def apply_flow_args(prior, args) -> str | None:

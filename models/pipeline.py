@@ -98,6 +98,7 @@ class TextToImage:
         # drafts verified per forward: the same distribution in fewer forwards; models/gpt.py sample_sjd).
         self.parallel: str | None = None
         self.window = 8
+        self.step = "eager"  # one-token steps: "eager", "static" or "cuda-graph" (GPT.sample's step)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, device=None, precision: str = "auto",
@@ -149,6 +150,8 @@ class TextToImage:
             c = conds[start:start + batch_size]
             with self._autocast(), _token_progress(self.gpt, progress, start, len(c)):
                 extra = {"parallel": self.parallel, "window": self.window} if self.parallel else {}
+                if self.step != "eager" and not isinstance(self.gpt, FlowPrior):
+                    extra["step"] = self.step
                 t = self.gpt.sample(c.to(self._gpt_dtype), temperature=temperature, top_k=top_k, top_p=top_p,
                                     cfg_scale=cfg_scale, generator=g, **extra)
                 x = self.vqgan.decode_indices(t.view(len(c), side, side))

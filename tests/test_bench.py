@@ -52,9 +52,32 @@ def test_run_all_quick_writes_json_and_markdown(quick_results):
 def test_sampling_rows_compare_like_with_like(quick_results):
     rows = quick_results[0]["benchmarks"]["sampling"]["rows"]
     assert all(r["greedy_identical_cfg1"] and r["greedy_identical_cfg2"] for r in rows)
-    assert {r["sampler"] for r in rows} == {"naive (no cache)", "project (KV cache)"}
-    assert any(r["sampler"].startswith("project") and r["precision"] == "fp32" for r in rows)
+    assert {r["sampler"] for r in rows} == {"naive (no cache)", S.BEFORE_FP32, S.BEFORE_BF16,
+                                            "one token, packed (default)", "one token, packed, static step",
+                                            "sjd window 4", "sjd window 8"} | (
+        {"one token, packed, bf16 weights"} if S.packed.supported(torch.bfloat16) else set())
+    assert all(r["fast_paths_greedy_identical"] for r in rows)
     assert all(r["tokens_per_s"] > 0 for r in rows)
+    for r in rows:
+        n = r["tokens"]
+        assert r["forwards"] == n if not r["sampler"].startswith("sjd") else 1 <= r["forwards"] <= n, r
+
+
+@pytest.mark.slow  # ~60 s: the GPU script's three stages at the quick sizes, on the CPU
+def test_gpu_script_runs_every_stage_and_refuses_without_a_gpu(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "PY": sys.executable, "BENCH_DEVICE": "cpu", "BENCH_QUICK": "1"}
+    r = subprocess.run(["bash", "bench/gpu.sh", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("sampling", "train_gpt", "train_vqgan"):
+        assert json.loads((tmp_path / f"{stage}.json").read_text())["rows"], stage
+        assert f"{stage}: exit 0" in r.stdout
+    if not torch.cuda.is_available():
+        env.pop("BENCH_DEVICE")
+        r = subprocess.run(["bash", "bench/gpu.sh", str(tmp_path / "gpu")], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            "bench/gpu.sh: no CUDA device here (torch.cuda.is_available() is False); run it where a GPU is lent"]
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])

@@ -392,6 +392,23 @@ def test_api_progress_interpolation_and_grid(ck):
     assert image_grid(torch.zeros(10, 3, 4, 4)).shape == (3, 2 * 6 + 2, 8 * 6 + 2)
 
 
+def test_static_decode_step_draws_the_same_images_and_reports_progress(ck, capsys, tmp_path):
+    pipe = TextToImage.from_folder(ck / "weights", device="cpu")
+    cond = pipe.clip.encode_text([PROMPT])[0]
+    eager, seen = [], []
+    want, _ = pipe.sample(cond, 5, batch_size=2, seed=3, progress=eager.append)
+    pipe.step = "static"
+    got, _ = pipe.sample(cond, 5, batch_size=2, seed=3, progress=seen.append)
+    assert torch.equal(got, want) and seen == eager
+    # The flag, as a user gives it: the same picture as the default step.
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for out, extra in ((a, []), (b, ["--decode-step", "static"])):
+        code, _, err = in_process(capsys, "--text", PROMPT, "--models", ck / "weights", "--cand-size", "2",
+                                  "--out-k", "1", "--out", out, "--quiet", *extra)
+        assert code == 0, err
+    assert a.read_bytes() == b.read_bytes()
+
+
 def test_models_folder_is_used_and_single_flags_replace_its_files(ck, tmp_path, capsys):
     """--models DIR takes its three files (here the tiny exports), gives the same pictures as naming the
     three files, lets --gpt replace one of them, and names a missing file of the folder in one line."""

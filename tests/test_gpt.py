@@ -424,3 +424,74 @@ def test_sjd_greedy_equals_greedy_and_refuses_what_it_cannot_do():
         model.sample(cond, parallel="zipar")
     with pytest.raises(ValueError, match="first_tokens"):
         model.sample(cond, parallel="sjd", first_tokens=torch.zeros(5, 2, dtype=torch.long))
+
+
+def test_inverse_cdf_draws_in_proportion_and_never_a_zero_weight():
+    from models.gpt import inverse_cdf
+    w = torch.tensor([0.0, 1.0, 0.0, 2.0, 5.0, 0.0, 0.5, 0.0])
+    picks = inverse_cdf(w.expand(40000, -1), torch.Generator().manual_seed(0))[:, 0]
+    counts = torch.bincount(picks, minlength=8).double()
+    assert counts[w == 0].sum() == 0
+    expected = w.double() / w.sum() * 40000
+    keep = w > 0
+    assert float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()) < 16.27  # 3 df, p = 0.001
+    again = inverse_cdf(w.expand(40000, -1), torch.Generator().manual_seed(0))[:, 0]
+    assert torch.equal(picks, again)
+    one = torch.zeros(3, 2, 5)
+    one[..., 2] = 1e-30                                        # tiny sums and a batch of windows
+    assert torch.equal(inverse_cdf(one), torch.full((3, 2, 1), 2))
+
+
+# ------------------------------------------------------------------------------ static decode steps
+
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=5, temperature=0.7), dict(cfg_scale=2.5, top_p=0.9),
+                                dict(top_k=1)])
+def test_static_step_draws_the_eager_tokens(kw):
+    m = sharp(n_prefix=2)
+    _, cond = data()
+    want = m.sample(cond, generator=gen(9), **kw)
+    assert torch.equal(m.sample(cond, generator=gen(9), step="static", **kw), want)
+    first = want[:, :5]
+    assert torch.equal(m.sample(cond, generator=gen(2), first_tokens=first, step="static", **kw),
+                       m.sample(cond, generator=gen(2), first_tokens=first, **kw))
+
+
+def test_step_static_logits_equal_the_cached_forward_at_every_position():
+    from models.gpt import StaticKVCache
+    m = sharp(n_prefix=2)
+    tokens, cond = data()
+    full = m(tokens, cond)                                      # (B, N, V) teacher-forced
+    cache = m.new_kv_cache(3)
+    m(tokens[:, :1], cond, kv_cache=cache)                      # prefill: prefix + token 0
+    static = StaticKVCache(cache)
+    assert int(static.pos) == cache.length == 3
+    for i in range(1, N - 1):
+        logits = m.step_static(tokens[:, i:i + 1], static)    # token i -> prediction of token i + 1
+        torch.testing.assert_close(logits, full[:, i + 1], rtol=1e-5, atol=1e-5)
+        static.pos += 1
+    # Slots not yet written hold zeros, not whatever new_empty left (a masked NaN would still poison).
+    fresh = m.new_kv_cache(3)
+    m(tokens[:, :1], cond, kv_cache=fresh)
+    assert StaticKVCache(fresh).k[0][:, :, 3:].abs().sum() == 0
+
+
+def test_step_option_refuses_what_it_cannot_do():
+    m = sharp()
+    _, cond = data()
+    with pytest.raises(ValueError, match="CUDA device, not cpu"):
+        m.sample(cond, step="cuda-graph")
+    with pytest.raises(ValueError, match="one of eager, static, cuda-graph"):
+        m.sample(cond, step="compiled")
+    with pytest.raises(ValueError, match="one-token steps"):
+        m.sample(cond, step="static", parallel="sjd")
+
+
+def test_static_steps_are_seen_by_forward_hooks_like_eager_steps():
+    m = sharp()
+    _, cond = data()
+    for step in ("eager", "static"):
+        calls = []
+        handle = m.register_forward_hook(lambda *a: calls.append(1))
+        m.sample(cond, step=step)
+        handle.remove()
+        assert len(calls) == N, step                            # one per token: what progress bars count

@@ -201,7 +201,11 @@ def bad_inputs(f):
         ("demo prior and gpt", demo + ["--prior", "flow", "--gpt", shipped / "gpt.safetensors"], "give one of them"),
         ("demo flow steps on a gpt", demo + ["--flow-steps", "3"], "is for the flow prior"),
         ("demo top-k on the flow prior", demo + ["--prior", "flow", "--top-k", "5"], "--top-k filters"),
-        ("demo sjd on the flow prior", demo + ["--prior", "flow", "--parallel", "sjd"], "--parallel decodes"),
+        ("demo sjd on the flow prior", demo + ["--prior", "flow", "--parallel", "sjd"], "--parallel is for a GPT"),
+        ("demo static step on the flow prior", demo + ["--prior", "flow", "--decode-step", "static"],
+         "--decode-step is for a GPT"),
+        ("demo sjd with a static step", demo + ["--parallel", "sjd", "--decode-step", "static"], "one-token steps"),
+        ("demo decode step compiled", demo + ["--decode-step", "compiled"], "--decode-step"),
         ("demo sjd window 0", demo + ["--parallel", "sjd", "--sjd-window", "0"], "--sjd-window"),
         ("evaluate flow steps on a gpt", ev + ["--flow-steps", "3"], "is for the flow prior"),
         ("evaluate flow steps -1", ev + ["--flow-steps", "-1"], "--flow-steps"),
@@ -209,6 +213,8 @@ def bad_inputs(f):
     if not torch.cuda.is_available():
         cases.append(("vqgan device cuda, no GPU", vq + ["--device", "cuda"], "CUDA is not available"))
         cases.append(("evaluate device cuda, no GPU", ev + ["--device", "cuda"], "CUDA is not available"))
+        cases.append(("demo cuda-graph step on a CPU", demo + ["--decode-step", "cuda-graph"],
+                      "needs a CUDA device"))
     return cases
 
 
