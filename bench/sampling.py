@@ -190,7 +190,7 @@ def sizes(quick: bool, device: torch.device | None = None) -> dict[str, dict]:
         "shapes": dict(source="shipped", batch=8, n_tokens=64, naive_prefix=None, repeats=3, check_tokens=16),
         # 16x16 tokens of CLIP-GEN's f16-16384 VQGAN, a 512-d CLIP embedding; random weights.
         "8x512": dict(source=GPTConfig(vocab_size=16384, n_tokens=256, n_layer=8, n_head=8, n_embd=512,
-                                       cond_dim=512), batch=8, n_tokens=256, naive_prefix=64, repeats=2,
+                                       cond_dim=512), batch=8, n_tokens=256, naive_prefix=64, repeats=3,
                       check_tokens=16),
         "gpt2-medium": dict(source=GPTConfig(vocab_size=16384, n_tokens=256, n_layer=24, n_head=16, n_embd=1024,
                                              cond_dim=512), batch=8, n_tokens=256, naive_prefix=24, repeats=1,

@@ -87,8 +87,9 @@ class TextToImage:
         self._amp = amp
         if precision == "bf16" and self.device.type == "cpu":
             # On a CPU a decode step is bound by reading the weights: storing the GPT in bf16 halves that
-            # (1.4x faster for an 8x512 GPT, bench/sampling.py), where autocast would re-cast fp32 weights
-            # every step and be slower than fp32. Not the default: for the tiny Shapes GPT fp32 is faster.
+            # where the CPU computes in bf16 (a Xeon with AMX: 1.9x fp32 F.linear for an 8x512 GPT), where
+            # autocast would re-cast fp32 weights every step. Not the default: on CPUs without bf16
+            # instructions it is slower than fp32, and fp32 weights are prepacked (bench/sampling.py).
             self.gpt = self.gpt.to(torch.bfloat16)
         if isinstance(self.gpt, FlowPrior):  # snap to exactly the codes the VQGAN decodes, in fp32
             self.gpt.codebook = vqgan_codebook(self.vqgan).to(self.device)
