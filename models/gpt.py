@@ -18,6 +18,7 @@ config (``null_cond_trained``), and sampling it with ``cfg_scale != 1`` raises G
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, replace
 
@@ -494,16 +495,24 @@ class GPT(nn.Module):
         static = StaticKVCache(cache)
         feed = torch.zeros(cache.shape[0], 1, dtype=torch.long, device=static.pos.device)
         if graph:
+            # Under autocast the weights' casts must be captured, not served from autocast's cache (its
+            # tensors are freed when the autocast region ends, and a replay would read them): the capture runs
+            # in a nested autocast with the cache off, as torch.cuda.graphs asks.
+            amp = torch.is_autocast_enabled("cuda")
+
+            def no_cache():
+                return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False) \
+                    if amp else contextlib.nullcontext()
             # The warm-up and the capture write the zero token's key and value at slot pos: the first real
             # step writes the same slot again before anything reads it.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), no_cache():
                 for _ in range(2):
                     self.step_static(feed, static)
             torch.cuda.current_stream().wait_stream(side)
             cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph):
+            with torch.cuda.graph(cuda_graph), no_cache():
                 out = self.step_static(feed, static)
 
         def run(tokens: torch.Tensor) -> torch.Tensor:

@@ -140,3 +140,16 @@ def test_interleaved_timing_takes_turns_and_ratios_are_per_round():
     assert [len(t["times_s"]) for t in timings] == [3, 3]
     assert C.round_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0  # median of 2, 4, 3
     assert C.peak_bf16_tflops(torch.device("cpu")) is None
+
+
+@pytest.mark.slow  # ~15 s: the 8x512 GPT's layers and steps, few repeats
+def test_decode_step_bench_compares_each_layer_and_profiles_the_step(tmp_path):
+    from bench import decode_step
+
+    if not decode_step.packed.supported(torch.float32):
+        pytest.skip("no oneDNN in this torch")
+    res = decode_step.main(["--repeats", "3", "--threads", "1", "--json", str(tmp_path / "d.json")])
+    assert [r["layer"] for r in res["layers"]] == ["qkv", "attn proj", "mlp fc", "mlp proj", "head"]
+    assert all(r["f_linear_ms"] > 0 and r["packed_ms"] > 0 for r in res["layers"])
+    assert res["steps"]["packed_step_ms"] > 0 and "_linear_pointwise" in res["profile"]
+    assert json.loads((tmp_path / "d.json").read_text())["rows"] == 8

@@ -87,6 +87,18 @@ def test_unsupported_dtype_is_left_alone():
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
 
 
+def test_bf16_is_packed_only_where_onednn_can_and_then_agrees():
+    lin = _layer().to(torch.bfloat16)
+    can = packed.supported(torch.bfloat16)         # CPUs with AVX512-BF16 / AMX: yes; plain AVX2: no
+    assert packed.pack_linears(lin, 8) == int(can) and _is_packed(lin) == can
+    x = torch.randn(8, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.linear(x.float(), lin.weight.float(), lin.bias.float()),
+                               rtol=2e-2, atol=2e-2)
+
+
 def test_sampling_draws_the_same_tokens_packed_or_not():
     gpt = load_gpt(REPO / "pretrained" / "shapes" / "gpt.safetensors")
     cond = F.normalize(torch.randn(6, gpt.cfg.cond_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
