@@ -35,7 +35,7 @@ from torch import nn
 from engine.checkpoint import CheckpointError
 from engine.errors import UsageError
 from models.dropout import Dropout, attention
-from models.gpt import ORIGINS, GuidanceError
+from models.gpt import ORIGINS, GuidanceError, check_decoding
 
 SOLVERS = ("euler", "heun")
 # What the network predicts: the velocity x1 - x0 (trained by its squared error), or the tokens of x1
@@ -455,11 +455,10 @@ def apply_parallel_args(pipe, args) -> None:
     if isinstance(pipe.gpt, FlowPrior):
         raise UsageError(f"--{'parallel' if parallel else 'decode-step'} is for a GPT's token decoding; "
                          "the flow prior draws whole grids")
-    if parallel is not None and step != "eager":
-        raise UsageError(f"--parallel {parallel} feeds windows of tokens; --decode-step {step} is for "
-                         "one-token steps")
-    if step == "cuda-graph" and pipe.device.type != "cuda":
-        raise UsageError(f"--decode-step cuda-graph needs a CUDA device; the models run on {pipe.device.type}")
+    try:
+        check_decoding(parallel, step, pipe.device)          # before any sampling, with GPT.sample's words
+    except ValueError as e:
+        raise UsageError(f"--parallel / --decode-step: {e}") from None
     pipe.parallel, pipe.window, pipe.step = parallel, args.sjd_window, step
 
 

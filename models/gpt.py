@@ -332,16 +332,8 @@ class GPT(nn.Module):
         self.cfg.check_guidance(cfg_scale)
         if temperature <= 0:
             raise ValueError("temperature must be > 0 (use top_k=1 for greedy decoding)")
-        if step not in STEPS:
-            raise ValueError(f"step {step!r}: one of {', '.join(STEPS)}")
-        if step == "cuda-graph" and cond.device.type != "cuda":
-            raise ValueError(f"step 'cuda-graph' captures a CUDA graph: it needs the model on a CUDA device, "
-                             f"not {cond.device.type}")
-        if parallel is not None and step != "eager":
-            raise ValueError(f"parallel={parallel!r} feeds windows of tokens; step {step!r} is for one-token steps")
+        check_decoding(parallel, step, cond.device)
         if parallel is not None:
-            if parallel != "sjd":
-                raise ValueError(f"parallel {parallel!r}: the one parallel decoder is 'sjd'")
             if first_tokens is not None:
                 raise ValueError("parallel='sjd' starts from the condition alone (no first_tokens)")
             return self.sample_sjd(cond, temperature, top_k, top_p, cfg_scale, generator, n_tokens, window)
@@ -552,19 +544,20 @@ def draw(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = N
     candidates only: the multinomial's per-element random draws then cover k entries, not the vocabulary
     (16384 codes: 4 of 24 ms of a decode step on a CPU went to them). Same distribution as drawing from
     the filtered logits over the whole vocabulary; a different stream of tokens for a given seed."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        vals, idx = torch.topk(logits, top_k, dim=-1)                      # (B, k), descending
-    elif top_p is not None and top_p < 1.0:
-        vals, idx = torch.sort(logits, dim=-1, descending=True)
-    else:
-        return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-    if top_p is not None and top_p < 1.0:
-        probs = F.softmax(vals, dim=-1)
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p                     # the nucleus, as filter_logits
-        drop[:, 0] = False
-        vals = vals.masked_fill(drop, float("-inf"))
-    pick = torch.multinomial(F.softmax(vals, dim=-1), 1, generator=generator)   # (B, 1) index into k
-    return idx.gather(-1, pick)
+    prob, idx = support(logits, top_k, top_p)                              # (B, K) each
+    return idx.gather(-1, torch.multinomial(prob, 1, generator=generator))
+
+
+def check_decoding(parallel: str | None, step: str, device: torch.device) -> None:
+    """ValueError (one line) unless GPT.sample can decode with `parallel` and `step` on `device`."""
+    if parallel is not None and parallel != "sjd":
+        raise ValueError(f"parallel {parallel!r}: the one parallel decoder is 'sjd'")
+    if step not in STEPS:
+        raise ValueError(f"step {step!r}: one of {', '.join(STEPS)}")
+    if step == "cuda-graph" and device.type != "cuda":
+        raise ValueError(f"step 'cuda-graph' captures a CUDA graph: it needs a CUDA device, not {device.type}")
+    if parallel is not None and step != "eager":
+        raise ValueError(f"parallel {parallel!r} feeds windows of tokens; step {step!r} is for one-token steps")
 
 
 def inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -620,5 +613,4 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 
 __all__ = ["GPTConfig", "GuidanceError", "ORIGINS", "PRESETS", "STEPS", "build_gpt", "GPT", "KVCache",
-           "StaticKVCache", "draw",
-           "filter_logits", "inverse_cdf", "support"]
+           "StaticKVCache", "check_decoding", "draw", "filter_logits", "inverse_cdf", "support"]

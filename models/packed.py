@@ -1,10 +1,11 @@
 """Linear layers whose weights are prepacked for oneDNN when they run on few rows on a CPU: the decode step.
 
 A KV-cache decode step multiplies every weight matrix by a handful of rows (batch x 1 token). MKL's GEMM
-behind ``F.linear`` reads the weights of such thin products far below the machine's bandwidth (the 512 -> 16384 vocabulary head of the 8x512 GPT: 4.9-14 ms for 8 rows, measured with
-``bench/decode_step.py``); oneDNN with its weight reordered once into its blocked layout
-(``torch.ops.mkldnn._reorder_linear_weight``, what ``torch.compile``'s freezing pass does for CPU linears)
-runs the same product 3x faster (1.7-4.4 ms). Results agree with ``F.linear`` to float rounding (~1e-6 relative).
+behind ``F.linear`` reads the weights of such thin products far below the machine's bandwidth (the
+512 -> 16384 vocabulary head of the 8x512 GPT: 4.9-14 ms for 8 rows, ``bench/decode_step.py``); oneDNN with
+its weight reordered once into its blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, what
+``torch.compile``'s freezing pass does for CPU linears) runs the same product about 3x faster (1.7-4.4 ms).
+Results agree with ``F.linear`` to float rounding (~1e-6 relative).
 
 ``Linear`` is an ``nn.Linear`` (same parameters, same state dict) that takes the packed path only when all
 of these hold: its weight was packed by ``pack_linears`` and has not changed since (the weight's identity

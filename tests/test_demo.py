@@ -392,20 +392,28 @@ def test_api_progress_interpolation_and_grid(ck):
     assert image_grid(torch.zeros(10, 3, 4, 4)).shape == (3, 2 * 6 + 2, 8 * 6 + 2)
 
 
-def test_static_decode_step_draws_the_same_images_and_reports_progress(ck, capsys, tmp_path):
+def test_static_decode_step_draws_the_same_images_and_reports_progress(ck, capsys, tmp_path, monkeypatch):
+    from models.gpt import GPT
+
+    steppers = []                              # static steppers made: the step really is the static one
+    real = GPT.static_stepper
+    monkeypatch.setattr(GPT, "static_stepper", lambda self, *a, **k: steppers.append(1) or real(self, *a, **k))
     pipe = TextToImage.from_folder(ck / "weights", device="cpu")
     cond = pipe.clip.encode_text([PROMPT])[0]
     eager, seen = [], []
     want, _ = pipe.sample(cond, 5, batch_size=2, seed=3, progress=eager.append)
+    assert not steppers
     pipe.step = "static"
     got, _ = pipe.sample(cond, 5, batch_size=2, seed=3, progress=seen.append)
+    assert len(steppers) == 3                  # one per batch of 2, 2, 1
     assert torch.equal(got, want) and seen == eager
-    # The flag, as a user gives it: the same picture as the default step.
+    # The flag, as a user gives it: the static step, and the same picture as the default step.
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    for out, extra in ((a, []), (b, ["--decode-step", "static"])):
+    for out, extra, made in ((a, [], 3), (b, ["--decode-step", "static"], 4)):
         code, _, err = in_process(capsys, "--text", PROMPT, "--models", ck / "weights", "--cand-size", "2",
                                   "--out-k", "1", "--out", out, "--quiet", *extra)
         assert code == 0, err
+        assert len(steppers) == made, extra
     assert a.read_bytes() == b.read_bytes()
 
 

@@ -478,7 +478,7 @@ def test_step_static_logits_equal_the_cached_forward_at_every_position():
 def test_step_option_refuses_what_it_cannot_do():
     m = sharp()
     _, cond = data()
-    with pytest.raises(ValueError, match="CUDA device, not cpu"):
+    with pytest.raises(ValueError, match="needs a CUDA device, not cpu"):
         m.sample(cond, step="cuda-graph")
     with pytest.raises(ValueError, match="one of eager, static, cuda-graph"):
         m.sample(cond, step="compiled")
