@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -31,10 +33,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from datasets import SYNTHETIC, ScenesDataset
 from datasets import scenes
 from datasets.scenes import SPLIT_SEEDS
+from datasets.transforms import unpack_key
 from evaluation import scenes_eval
 from evaluation.scenes_judge import CATEGORIES
 from engine import distributed as D
-from engine.cli import (Parser, add_run_args, apply_defaults, at_least, fraction, non_negative_float,
+from engine.cli import (Parser, add_run_args, apply_defaults, at_least, fraction, non_negative_float, share,
                         run)
 from engine.schedule import lr_at, set_lr
 from engine.trainer import Run
@@ -84,15 +87,20 @@ PRESETS = {
     "tiny": _shapes_clip(embed_dim=32, image_size=32, patch_size=8, width=64, layers=1, text_heads=2),
 }
 TRAIN_DEFAULTS = {
-    "shapes": dict(dataset="shapes", batch_size=128, lr=2e-3, max_steps=1000, warmup_steps=50, hard_negatives=False),
-    "scenes": dict(dataset="scenes", batch_size=128, lr=2e-3, max_steps=1000, warmup_steps=50, hard_negatives=True),
-    "tiny": dict(dataset="shapes", batch_size=8, lr=1e-3, max_steps=20, warmup_steps=2, hard_negatives=False),
+    "shapes": dict(dataset="shapes", batch_size=128, lr=2e-3, max_steps=1000, warmup_steps=50, hard_negatives=False,
+                   hard_negative_images=False),
+    "scenes": dict(dataset="scenes", batch_size=128, lr=2e-3, max_steps=1000, warmup_steps=50, hard_negatives=True,
+                   hard_negative_images=False),
+    "tiny": dict(dataset="shapes", batch_size=8, lr=1e-3, max_steps=20, warmup_steps=2, hard_negatives=False,
+                 hard_negative_images=False),
 }
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, hard: torch.Tensor | None = None,
                      world_size: int = 1, true_codes: torch.Tensor | None = None,
-                     hard_codes: torch.Tensor | None = None) -> torch.Tensor:
+                     hard_codes: torch.Tensor | None = None, hard_img: torch.Tensor | None = None,
+                     hard_img_codes: torch.Tensor | None = None, caption_codes: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch (open_clip's ClipLoss with local_loss=False), plus NegCLIP's
     hard negatives: the image -> text direction also ranks each image's caption above every text of `hard`
     (captions wrong in one binding, false of the image they come with); the text -> image direction is
@@ -101,18 +109,29 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, 
     at batch 128: "a red square", made from "a red circle", describes every lone red square): with
     true_codes (B, K) (statement_codes true of each image, -1 padded) and hard_codes (H,), such pairs
     are left out of that image's row. With world_size > 1 every rank's tensors are gathered (features with
-    gradients), so N processes compute the loss one process would on the whole batch."""
+    gradients), so N processes compute the loss one process would on the whole batch.
+
+    Hard negative *images* (hard_img (B, D), one row per item, for the text -> image direction): each text
+    also ranks its image above every image of hard_img whose statement codes (hard_img_codes (B, K), -1
+    padded; a row of -1 is no image, left out) do not include the text's own (caption_codes (B,)): a
+    scene that differs from the text's in one binding (the relation mirrored: the two objects trade places)
+    is then a negative for it, where the in-batch images hardly ever are."""
     if world_size > 1:
         def gather(x):
-            return torch.cat(torch.distributed.nn.all_gather(x))
-        img, txt, hard = gather(img), gather(txt), (gather(hard) if hard is not None else None)
-        true_codes, hard_codes = (gather(x) if x is not None else None for x in (true_codes, hard_codes))
+            return torch.cat(torch.distributed.nn.all_gather(x)) if x is not None else None
+        img, txt, hard, hard_img = gather(img), gather(txt), gather(hard), gather(hard_img)
+        true_codes, hard_codes, hard_img_codes, caption_codes = (
+            gather(x) for x in (true_codes, hard_codes, hard_img_codes, caption_codes))
     labels = torch.arange(len(img), device=img.device)
     i2t = scale * img @ (txt if hard is None else torch.cat([txt, hard])).T  # (B, B + H)
     if hard is not None and true_codes is not None:
         true_of = (true_codes[:, :, None] == hard_codes[None, None, :]).any(1)  # (B, H)
         i2t = torch.cat([i2t[:, :len(txt)], i2t[:, len(txt):].masked_fill(true_of, float("-inf"))], 1)
     t2i = scale * txt @ img.T                                                # (B, B)
+    if hard_img is not None:
+        true_of = (caption_codes[:, None, None] == hard_img_codes[None]).any(2)          # (B, B): text, image
+        usable = (hard_img_codes >= 0).any(1)[None, :] & ~true_of
+        t2i = torch.cat([t2i, (scale * txt @ hard_img.T).masked_fill(~usable, float("-inf"))], 1)  # (B, 2B)
     return (F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)) / 2
 
 
@@ -141,13 +160,52 @@ def true_codes(objects) -> torch.Tensor:
     return torch.tensor(codes + [-1] * (MAX_TRUE - len(codes)))
 
 
+class RelationShare(torch.utils.data.Dataset):
+    """A scenes split in which a `share` of the items are drawn from its relation-captioned scenes (about 10%
+    of any split: the only captions that say where things stand), the rest are the split's own items. Which
+    key becomes which relation item is a pure function of the index (and of the key's seed, when it has one),
+    so a resumed run sees the same items. The split keeps its length; nothing else changes."""
+
+    def __init__(self, dataset: ScenesDataset, share: float):
+        self.dataset, self.share = dataset, share
+        self.relations = [i for i in range(len(dataset)) if dataset.caption_plan(i)[1][0] == "relation"]
+        if not self.relations:
+            raise ValueError(f"no relation caption among the {len(dataset)} items of this split")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = unpack_key(key)
+        rng = np.random.default_rng([index % len(self.dataset), 3] + ([seed] if seed is not None else []))
+        if rng.random() < self.share:
+            index = self.relations[int(rng.integers(len(self.relations)))]
+        return self.dataset[index if seed is None else (index, seed)]
+
+    def __getattr__(self, name):  # scene(), hard_negative_plan(), ... of the split itself
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def mirrored(objects):
+    """A two-object scene with the objects' kinds traded (each keeps its own cell and geometry): every
+    relation between them reversed, nothing else changed."""
+    a, b = objects
+    return [dataclasses.replace(a, color=b.color, shape=b.shape), dataclasses.replace(b, color=a.color, shape=a.shape)]
+
+
 class WithHardNegatives(torch.utils.data.Dataset):
     """A scenes split whose items also carry "hard_negative": their caption with one binding changed
     (datasets.scenes.hard_negative_plan), a pure function of the item like the caption; its statement_code
-    and the scene's true_codes, so that a hard negative true of another image is not used against it."""
+    and the scene's true_codes, so that a hard negative true of another image is not used against it.
 
-    def __init__(self, dataset: ScenesDataset):
-        self.dataset = dataset
+    With images=True, items whose caption names a relation also carry "hard_image": their scene mirrored
+    (the two objects trade places), with "hard_image_codes" (true_codes of it) and "caption_code"; other
+    items a white image whose codes are all -1 (contrastive_loss leaves it out)."""
+
+    def __init__(self, dataset: ScenesDataset | RelationShare, images: bool = False):
+        self.dataset, self.images = dataset, images
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -160,6 +218,15 @@ class WithHardNegatives(torch.utils.data.Dataset):
         item["hard_negative"] = scenes.word_plan(plan)
         item["hard_code"] = statement_code(plan[1])
         item["true_codes"] = true_codes(objects)
+        if self.images:
+            caption = self.dataset.caption_plan(index, objects)[1]
+            item["caption_code"] = statement_code(caption)
+            if caption[0] == "relation":
+                item["hard_image"] = self.dataset.transform(scenes.render_scene(mirrored(objects)))
+                item["hard_image_codes"] = true_codes(mirrored(objects))
+            else:
+                item["hard_image"] = torch.ones_like(item["image"])
+                item["hard_image_codes"] = torch.full((MAX_TRUE,), -1)
         return item
 
 
@@ -190,11 +257,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(colours swapped, relation mirrored, a count one off, another shape or colour), an extra "
                         "negative text for its image (NegCLIP; image -> text only). Default: on for the scenes "
                         "preset")
+    g.add_argument("--hard-negative-images", action=argparse.BooleanOptionalAction, default=None,
+                   help="scenes, with --hard-negatives: each image whose caption names a relation also goes "
+                        "through the image tower mirrored (its two objects trade places), an extra negative "
+                        "image for its caption (text -> image). Default: the preset's (off)")
+    g.add_argument("--relation-share", type=share, default=None,
+                   help="scenes: the share of training items drawn from the split's relation-captioned scenes "
+                        "(about 10%% of it, the only captions that name where things stand); default: the "
+                        "split as it is")
     add_run_args(p, val_every=250, save_every=250)
     args = p.parse_args(argv)
     apply_defaults(args, TRAIN_DEFAULTS[args.preset])
     if args.hard_negatives and args.dataset != "scenes":  # p.error: one line, here outside engine.cli.run
         p.error("--hard-negatives is for --dataset scenes (a Shapes caption names one object: nothing to bind)")
+    if args.hard_negative_images and not args.hard_negatives:
+        p.error("--hard-negative-images needs --hard-negatives (the scenes preset's default)")
+    if args.relation_share is not None and args.dataset != "scenes":
+        p.error("--relation-share is for --dataset scenes (Shapes captions name no relation)")
     args.out_dir = args.out_dir or f"runs/clip-{args.preset}"
     return args
 
@@ -267,7 +346,10 @@ def main(args) -> None:
     model = DDP(raw, broadcast_buffers=False) if env.distributed else raw
     world = SYNTHETIC[args.dataset]
     train_ds = world("captioned-train", args.shapes_train_size)
-    train_loader = run.train_loader(WithHardNegatives(train_ds) if args.hard_negatives else train_ds)
+    if args.relation_share is not None:
+        train_ds = RelationShare(train_ds, args.relation_share)
+    train_loader = run.train_loader(WithHardNegatives(train_ds, args.hard_negative_images) if args.hard_negatives
+                                    else train_ds)
     val_ds = world("captioned-val", args.shapes_val_size)
     # What is printed: per prompt style the Shapes attributes; or scenes named per object count (whose worst
     # picks best.pt) and CLIP alone per category. Not CLIP alone's mean: while relations are at chance, its
@@ -292,12 +374,19 @@ def main(args) -> None:
         lr = lr_at(run.step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule)
         set_lr((opt,), lr)
 
+        images = "hard_image" in batch
+        if images:  # the mirrored scenes go through the image tower with the batch's own
+            pixels = torch.cat([pixels, to_clip_pixels(batch["hard_image"].to(env.device, non_blocking=True),
+                                                       image_size, mean, std)])
         with precision.autocast, attention_backend(env.device):
-            img_f, txt_f, scale = model(pixels, tokens.to(env.device))  # (B, D), (B + H, D) unit norm, ()
-        txt_f, hard_f = txt_f[:len(img_f)], (txt_f[len(img_f):] if len(hard) else None)
+            img_f, txt_f, scale = model(pixels, tokens.to(env.device))  # (B [+ B], D), (B + H, D) unit norm, ()
+        n = len(batch["caption"])
+        mirrors = {"hard_img": img_f[n:].float(), "hard_img_codes": batch["hard_image_codes"].to(env.device),
+                   "caption_codes": batch["caption_code"].to(env.device)} if images else {}
+        img_f, txt_f, hard_f = img_f[:n], txt_f[:n], (txt_f[n:] if len(hard) else None)
         codes = (batch["true_codes"].to(env.device), batch["hard_code"].to(env.device)) if len(hard) else (None, None)
         loss = contrastive_loss(img_f.float(), txt_f.float(), scale.float(),
-                                hard_f.float() if hard_f is not None else None, env.world_size, *codes)
+                                hard_f.float() if hard_f is not None else None, env.world_size, *codes, **mirrors)
         grad_norm = precision.step(loss, opt, raw.parameters(), args.grad_clip or float("inf"))
         precision.update()
         with torch.no_grad():

@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(set(PRESETS) | set(FLOW_PRESETS)), default="tiny",
                    help=f"model size (gpt: {', '.join(PRESETS)}; flow: {', '.join(FLOW_PRESETS)})")
     p.add_argument("--n-prefix", type=at_least(1), default=1, help="gpt: prefix tokens the CLIP embedding becomes")
+    p.add_argument("--cond-hidden", type=at_least(0), default=0,
+                   help="gpt: width of an MLP (two GELU layers) the CLIP embedding goes through before becoming the "
+                        "prefix; 0: one linear map, as CLIP-GEN")
     p.add_argument("--dropout", type=fraction, default=None, help="override the preset's dropout")
     p.add_argument("--out-dir", default=None, help="default runs/MODEL-PRESET")
     p.add_argument("--shards", default=None, help="pre-encoded folder (OUT of preencode.py: train/, val/)")
@@ -315,7 +318,8 @@ def build_model(args, run, vqgan, clip) -> GPT:
     elif init is not None:
         cfg = replace(init.cfg, **({"dropout": args.dropout} if args.dropout is not None else {}))
     else:
-        over = {"n_prefix": args.n_prefix, **({"dropout": args.dropout} if args.dropout is not None else {})}
+        over = {"n_prefix": args.n_prefix, "cond_hidden": args.cond_hidden,
+                **({"dropout": args.dropout} if args.dropout is not None else {})}
         cfg = build_gpt(args.preset, vocab_size=vqgan.cfg.n_codes, n_tokens=vqgan.cfg.grid_size ** 2,
                         cond_dim=clip.embed_dim, null_cond_trained=args.cond_drop > 0, **over).cfg
     check_fits(cfg, vqgan, clip, f"--init-from {run.init_from}" if init is not None else "the resumed checkpoint",

@@ -45,10 +45,7 @@ def naive_logits(gpt: GPT, tokens: torch.Tensor, cond: torch.Tensor, cond_drop: 
     """Logits (rows, vocab) for the next token after `tokens` (rows, t), recomputing every position."""
     cfg = gpt.cfg
     B, t = tokens.shape
-    prefix = gpt.cond_proj(cond).view(B, cfg.n_prefix, cfg.n_embd)
-    if cond_drop is not None:
-        prefix = torch.where(cond_drop.view(B, 1, 1), gpt.null_prefix, prefix)
-    x = torch.cat([prefix, gpt.tok_emb(tokens)], dim=1)
+    x = torch.cat([gpt.prefix(cond, cond_drop), gpt.tok_emb(tokens)], dim=1)
     T = x.shape[1]
     x = x + gpt.pos_emb[:, :T]
     H, hd = cfg.n_head, cfg.n_embd // cfg.n_head

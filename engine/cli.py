@@ -120,6 +120,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """A float in [0, 1] (a share of the items, where all of them is meaningful)."""
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]")
+    return value
+
+
 # ------------------------------------------------------------------------------------- the trainers' flags
 
 def add_run_args(parser: argparse.ArgumentParser, *, val_every: int, save_every: int, init_from: str | None = None,

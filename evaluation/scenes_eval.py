@@ -29,10 +29,13 @@ import torch
 from datasets import scenes
 from datasets.scenes import COLORS, RELATIONS, SHAPES, SceneObject
 from evaluation.refined import RefineTally, refine_markdown, refine_rows
-from evaluation.scenes_judge import CATEGORIES, Query, find_objects, right
+from evaluation.scenes_judge import CATEGORIES, FAILURES, Query, find_objects, right, why_wrong
 
 CATEGORY_NAMES = {"single": "single", "two_objects": "two objects", "counting": "counting",
                   "colour_attribution": "colour attribution", "position": "position"}
+FAILURE_NAMES = {"objects": "another number of objects", "unreadable": "an unreadable shape",
+                 "kinds": "colours or shapes not named", "swapped": "colours swapped between the shapes",
+                 "relation": "the relation wrong"}
 N_CELLS = 9
 
 
@@ -214,6 +217,7 @@ def evaluate_scenes(pipe, args) -> dict:
     raw = {c: [] for c in CATEGORIES}
     best = {c: [] for c in CATEGORIES}
     cells: dict[str, list[int]] = {c: [] for c in CATEGORIES}
+    failures: dict[str, list[str]] = {c: [] for c in CATEGORIES}
     clip_raw, clip_best, gap = [], [], []
     per_batch = max(1, args.batch_size // args.samples)   # prompts sampled together
     refine_cfg = getattr(args, "refine", None)
@@ -243,7 +247,9 @@ def evaluate_scenes(pipe, args) -> dict:
             rows = slice(k * args.samples, (k + 1) * args.samples)
             scores = feats[rows] @ text[k]          # re-ranking is always by the text, as demo.py does
             judged = [find_objects(img) for img in images[rows]]
-            verdicts = [right(p.query, objs) for objs in judged]
+            whys = [why_wrong(p.query, objs) for objs in judged]
+            verdicts = [w is None for w in whys]
+            failures[p.category] += [w for w in whys if w is not None]
             best_row = int(scores.argmax())
             raw[p.category] += verdicts
             best[p.category].append(verdicts[best_row])
@@ -269,6 +275,10 @@ def evaluate_scenes(pipe, args) -> dict:
         "cond_source": args.cond_source, "cfg_scale": args.cfg_scale, "top_k": args.top_k, "top_p": args.top_p,
         "temperature": args.temperature, "seed": args.seed, "ema": not args.no_ema,
         "raw": shares(raw), "reranked": shares(best),
+        # Why raw samples are wrong: per category, the share of its samples that fail for each reason of
+        # scenes_judge.FAILURES (they sum to 1 - raw).
+        "failures": {c: {w: failures[c].count(w) / max(1, len(raw[c])) for w in FAILURES if w in failures[c]}
+                     for c in CATEGORIES},
         "clip_alone": clip_alone(pipe.clip, prompts, args.batch_size),
         "clip_score": {"raw": float(np.mean(clip_raw)), "reranked": float(np.mean(clip_best))},
         "text_image_cosine": float(np.mean(gap)),
@@ -296,6 +306,9 @@ def markdown(r: dict) -> str:
     lines.append("| (a) CLIP alone: text picks its scene over the hard negatives | "
                  + " | ".join(f"{a[c]['all']:.1%}" for c in cols[:-1]) + f" | {a['overall']:.1%} | |")
     lines += ["", *_by_negative(a)]
+    if "failures" in r:
+        lines += [f"wrong raw samples, {CATEGORY_NAMES[c]}: " + (", ".join(
+            f"{FAILURE_NAMES[w]} {v:.1%}" for w, v in r["failures"][c].items()) or "none") for c in CATEGORIES]
     d = r["diversity"]["cells"]
     lines.append(f"cells the objects take: {d['distinct_mean']:.2f} of {d['of']} per prompt on average "
                  f"(min {d['distinct_min']}; " + ", ".join(f"{CATEGORY_NAMES[c]} {v:.2f}"

@@ -184,6 +184,32 @@ def right(query: Query, objects: list[Found]) -> bool:
                for x, y in ((a, b), (b, a)))
 
 
+FAILURES = ("objects", "unreadable", "kinds", "swapped", "relation")
+
+
+def why_wrong(query: Query, objects: list[Found]) -> str | None:
+    """None when right(query, objects); else the first of FAILURES that applies:
+    objects: not as many objects as the prompt asks (1, 2, or the count);
+    unreadable: as many, but one of them has none of the four shapes;
+    kinds: as many, but their colours or shapes are not the ones named;
+    swapped: colour attribution, the named colours and shapes both there but bound the other way round;
+    relation: position, the named kinds but not in the named relation."""
+    if right(query, objects):
+        return None
+    c = query.category
+    if len(objects) != (query.count if c == "counting" else 1 if c == "single" else 2):
+        return "objects"
+    if any(o.shape < 0 for o in objects):
+        return "unreadable"
+    if c == "colour_attribution":
+        (ca, sa), (cb, sb) = query.kinds
+        if sorted(o.kind for o in objects) == sorted([(ca, sb), (cb, sa)]):
+            return "swapped"
+    if c == "position" and sorted(o.kind for o in objects) == sorted(tuple(k) for k in query.kinds):
+        return "relation"
+    return "kinds"
+
+
 def judge_scene(query: Query, image) -> bool:
     return right(query, find_objects(image))
 

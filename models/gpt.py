@@ -46,6 +46,10 @@ class GPTConfig:
     n_embd: int = 256
     cond_dim: int = 512             # CLIP embedding width
     n_prefix: int = 1               # prefix tokens the projected condition becomes (CLIP-GEN: 1)
+    # 0: the condition becomes the prefix by one linear map (CLIP-GEN). > 0: first through an MLP this wide
+    # (two GELU layers): what a CLIP embedding says of a scene's objects is readable by an MLP but not by a
+    # linear map (evaluation/scenes_probe.py), and a small GPT decodes it poorly on its own.
+    cond_hidden: int = 0
     dropout: float = 0.0
     # Positions of the learned position embedding. None: n_prefix + n_tokens - 1, all a full sequence
     # needs (the last token is never fed). CLIP-GEN files may store more (its small fixture: 17 for 16).
@@ -230,7 +234,10 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.cond_proj = Linear(cfg.cond_dim, cfg.n_prefix * cfg.n_embd)
+        H = cfg.cond_hidden
+        self.cond_mlp = (nn.Sequential(nn.Linear(cfg.cond_dim, H), nn.GELU(), nn.Linear(H, H), nn.GELU())
+                         if H else None)
+        self.cond_proj = Linear(H or cfg.cond_dim, cfg.n_prefix * cfg.n_embd)
         # The guidance "unconditional" input: learned, in the projected prefix space, so dropping a
         # condition does not depend on what a zero CLIP vector would mean.
         self.null_prefix = nn.Parameter(torch.zeros(cfg.n_prefix, cfg.n_embd))
@@ -245,8 +252,10 @@ class GPT(nn.Module):
     def _init_weights(self):
         # GPT-2: N(0, 0.02) everywhere, residual output projections scaled down by sqrt(2 * n_layer) so the
         # residual stream's variance does not grow with depth; zero biases, unit LayerNorms.
+        # The condition MLP keeps PyTorch's fan-in initialisation: N(0, 0.02) would shrink the unit-norm
+        # CLIP embedding ~50x per layer.
         for name, p in self.named_parameters():
-            if p.dim() < 2:
+            if p.dim() < 2 or name.startswith("cond_mlp."):
                 continue  # biases and LayerNorm parameters keep their defaults (0 / 1)
             std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("proj.weight") \
                 and name.startswith("blocks.") else 0.02
@@ -260,7 +269,8 @@ class GPT(nn.Module):
     def prefix(self, cond: torch.Tensor, cond_drop: torch.Tensor | None = None) -> torch.Tensor:
         """cond (B, cond_dim) -> prefix tokens (B, n_prefix, C); the null prefix where cond_drop (B,)."""
         B = cond.shape[0]
-        p = self.cond_proj(cond).view(B, self.cfg.n_prefix, self.cfg.n_embd)
+        p = self.cond_proj(cond if self.cond_mlp is None else self.cond_mlp(cond)).view(B, self.cfg.n_prefix,
+                                                                                          self.cfg.n_embd)
         if cond_drop is not None:
             p = torch.where(cond_drop.view(B, 1, 1), self.null_prefix.to(p.dtype), p)
         return p

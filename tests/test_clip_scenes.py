@@ -13,6 +13,7 @@ from open_clip.loss import ClipLoss
 import train_clip
 from datasets.scenes import (HARD_NEGATIVES, MIRROR, ScenesDataset, caption_plan, hard_negative_plan, place,
                              word_plan)
+from datasets.scenes import render_scene as place_render
 from tests.test_scenes import parse_caption
 
 
@@ -157,6 +158,54 @@ def test_a_hard_negative_true_of_an_image_is_left_out_of_its_row():
     assert unmasked.item() == pytest.approx(((math.log(2 * e + 2) - 1) + t2i) / 2, abs=1e-6)
 
 
+def test_hard_negative_images_enter_only_the_text_to_image_direction_and_only_where_usable():
+    img, txt = torch.eye(3), torch.eye(3)
+    hard_img = torch.eye(3)  # hard image h as close to text h as h's own image
+    one = torch.tensor(1.0)
+    caption_codes = torch.tensor([4, 5, 6])
+    # hard image 0: a mirrored scene (codes 14, 15); 1: none (-1 row); 2: true of text 0's caption (code 4)
+    hard_img_codes = torch.tensor([[14, 15], [-1, -1], [4, -1]])
+    got = train_clip.contrastive_loss(img, txt, one, hard_img=hard_img, hard_img_codes=hard_img_codes,
+                                      caption_codes=caption_codes)
+    e = math.e
+    i2t = math.log(e + 2) - 1                      # unchanged: [1, 0, 0] per row
+    # text 0: images [1, 0, 0] + hard [1, -inf (none), -inf (true of it)]; text 1: + hard [0, -inf, 0];
+    # text 2: + hard [0, -inf, 1]: hard image 2 is a negative for text 2 (its code is not text 2's)
+    t2i = ((math.log(2 * e + 2) - 1) + (math.log(e + 4) - 1) + (math.log(2 * e + 3) - 1)) / 3
+    assert got.item() == pytest.approx((i2t + t2i) / 2, abs=1e-6)
+    none = train_clip.contrastive_loss(img, txt, one, hard_img=hard_img, hard_img_codes=torch.full((3, 2), -1),
+                                       caption_codes=caption_codes)
+    assert none.item() == pytest.approx(train_clip.contrastive_loss(img, txt, one).item(), abs=1e-6)
+
+
+def test_mirrored_scenes_trade_the_kinds_and_reverse_every_relation():
+    split = ScenesDataset("captioned-train", 400)
+    index = next(i for i in range(400) if split.caption_plan(i)[1][0] == "relation")
+    a, b = split.scene(index)
+    m = train_clip.mirrored([a, b])
+    assert [o.kind for o in m] == [b.kind, a.kind]
+    assert [(o.row, o.col, o.side, o.cx, o.cy) for o in m] == [(o.row, o.col, o.side, o.cx, o.cy) for o in (a, b)]
+    assert holds(parse_caption(split.caption(index))[1], [a, b])
+    assert not holds(parse_caption(split.caption(index))[1], m)
+
+
+def test_hard_negative_images_are_the_mirrored_renders_of_relation_items_only():
+    split = ScenesDataset("captioned-train", 400)
+    ds = train_clip.WithHardNegatives(split, images=True)
+    relation = next(i for i in range(400) if split.caption_plan(i)[1][0] == "relation")
+    groups = next(i for i in range(400) if split.caption_plan(i)[1][0] == "groups")
+    item = ds[relation]
+    objects = split.scene(relation)
+    assert torch.equal(item["hard_image"], split.transform(place_render(train_clip.mirrored(objects))))
+    assert not torch.equal(item["hard_image"], item["image"])
+    assert torch.equal(item["hard_image_codes"], train_clip.true_codes(train_clip.mirrored(objects)))
+    assert item["caption_code"] == train_clip.statement_code(split.caption_plan(relation)[1])
+    assert item["caption_code"] not in item["hard_image_codes"].tolist()
+    other = ds[groups]
+    assert (other["hard_image_codes"] == -1).all() and other["hard_image"].shape == other["image"].shape
+    assert "hard_image" not in train_clip.WithHardNegatives(split)[relation]
+
+
 # ---- train_clip.py -----------------------------------------------------------------------------------------
 
 def test_hard_negatives_flag_defaults_and_misuse(capsys):
@@ -184,3 +233,72 @@ def test_two_step_tiny_run_feeds_one_hard_negative_per_image(tmp_path, monkeypat
     train_clip.main(args)
     assert seen == [((4, 32), (4, 32), (4, 32), True, (4, train_clip.MAX_TRUE), (4,))] * 2
     assert (tmp_path / "latest.pt").exists()
+
+
+def test_a_tiny_run_with_hard_negative_images_feeds_a_mirrored_image_per_item(tmp_path, monkeypatch):
+    seen = []
+    loss = train_clip.contrastive_loss
+
+    def spy(img, txt, scale, hard=None, world_size=1, true_codes=None, hard_codes=None, hard_img=None,
+            hard_img_codes=None, caption_codes=None):
+        seen.append((img.shape, hard_img.shape, hard_img.requires_grad, hard_img_codes.shape, caption_codes.shape,
+                     int((hard_img_codes >= 0).any(1).sum())))
+        return loss(img, txt, scale, hard, world_size, true_codes, hard_codes, hard_img, hard_img_codes,
+                    caption_codes)
+
+    monkeypatch.setattr(train_clip, "contrastive_loss", spy)
+    args = train_clip.parse_args(["--preset", "tiny", "--dataset", "scenes", "--hard-negatives",
+                                  "--hard-negative-images", "--relation-share", "1", "--max-steps", "2",
+                                  "--batch-size", "4", "--val-every", "2", "--shapes-val-size", "8",
+                                  "--num-workers", "0", "--no-tensorboard", "--device", "cpu",
+                                  "--out-dir", str(tmp_path)])
+    train_clip.main(args)
+    assert seen == [((4, 32), (4, 32), True, (4, train_clip.MAX_TRUE), (4,), 4)] * 2
+
+
+def _says_relation(ds, item) -> bool:
+    return ds.caption_plan(item["index"])[1][0] == "relation"
+
+
+def test_relation_share_draws_that_share_from_the_relation_captions_and_is_a_function_of_the_key():
+    split = ScenesDataset("captioned-train", 2000)
+    natural = np.mean([split.caption_plan(i)[1][0] == "relation" for i in range(2000)])
+    assert 0.06 < natural < 0.14  # the world's: two different objects (~0.22) x P_RELATION 0.5
+    half = train_clip.RelationShare(split, 0.5)
+    assert len(half) == 2000 and all(_says_relation(split, split[i]) for i in half.relations)
+    assert len(half.relations) == round(natural * 2000)
+    drawn = [half[i] for i in range(300)]
+    share = np.mean([_says_relation(split, d) for d in drawn])
+    assert 0.47 < share < 0.65  # 0.5 drawn from the relations, plus the natural ~10% of the other half
+    assert 0.5 * 300 * 0.8 < sum(d["index"] != i for i, d in enumerate(drawn)) < 0.5 * 300 * 1.2
+    again = [half[i]["index"] for i in range(300)]
+    assert [d["index"] for d in drawn] == again
+    assert [d["caption"] for d in drawn] == [split.caption(d["index"]) for d in drawn]  # items stay whole
+    assert torch.equal(drawn[7]["image"], split[drawn[7]["index"]]["image"])
+    other_epoch = [half[(i, 1)]["index"] for i in range(100)]  # a key's seed changes which relation item
+    assert other_epoch != [d["index"] for d in drawn[:100]]
+    none, every = train_clip.RelationShare(split, 0.0), train_clip.RelationShare(split, 1.0)
+    assert [none[i]["index"] for i in range(50)] == list(range(50))
+    assert all(_says_relation(split, every[i]) for i in range(50))
+
+
+def test_relation_share_feeds_the_hard_negatives_of_the_item_it_draws():
+    split = ScenesDataset("captioned-train", 500)
+    item = train_clip.WithHardNegatives(train_clip.RelationShare(split, 1.0))[3]
+    plan = split.caption_plan(item["index"])
+    assert plan[1][0] == "relation" and item["caption"] == word_plan(plan)
+    _, negative = split.hard_negative_plan(item["index"])
+    assert item["hard_negative"] == word_plan(negative)
+
+
+def test_relation_share_and_hard_negative_images_flags(capsys):
+    assert train_clip.parse_args(["--preset", "scenes"]).relation_share is None
+    assert train_clip.parse_args(["--preset", "scenes"]).hard_negative_images is False
+    assert train_clip.parse_args(["--preset", "scenes", "--hard-negative-images"]).hard_negative_images is True
+    assert train_clip.parse_args(["--preset", "scenes", "--relation-share", "0.5"]).relation_share == 0.5
+    for argv, message in ((["--relation-share", "0.5"], "--relation-share is for --dataset scenes"),
+                          (["--dataset", "scenes", "--relation-share", "1.5"], "--relation-share"),
+                          (["--dataset", "scenes", "--hard-negative-images"], "needs --hard-negatives")):
+        with pytest.raises(SystemExit) as e:
+            train_clip.parse_args(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -435,6 +435,13 @@ def test_scenes_shares_and_reranking_on_samples_of_known_correctness(tiny, tmp_p
 
     res, _, prompts = _scenes_on(samples_for, tiny, tmp_path, monkeypatch, "--prompts", "3", "--samples", "3")
     assert res["raw"] == {**{c: pytest.approx(1 / 3) for c in CATEGORIES}, "overall": pytest.approx(1 / 3)}
+    # Why the other two thirds fail: the blank has no object; the hard negative fails as it was made to.
+    third = pytest.approx(1 / 3)
+    assert res["failures"] == {"single": {"objects": third, "kinds": third},
+                               "two_objects": {"objects": third, "kinds": third},
+                               "counting": {"objects": pytest.approx(2 / 3)},   # one fewer, and none
+                               "colour_attribution": {"objects": third, "swapped": third},
+                               "position": {"objects": third, "relation": third}}
     pipe = TextToImage.from_paths(*(tiny[tiny.index(f"--{k}") + 1] for k in ("vqgan", "gpt", "clip")), device="cpu")
     images = samples_for(prompts)
     scores = (pipe.clip.encode_image(images).view(len(prompts), 3, -1)

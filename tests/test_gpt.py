@@ -495,3 +495,48 @@ def test_static_steps_are_seen_by_forward_hooks_like_eager_steps():
         m.sample(cond, step=step)
         handle.remove()
         assert len(calls) == N, step                            # one per token: what progress bars count
+
+
+# ------------------------------------------------------------------------------ the condition MLP
+
+def test_cond_hidden_puts_an_mlp_before_the_prefix_and_round_trips(tmp_path):
+    m = tiny(2, cond_hidden=24)
+    assert [tuple(p.shape) for p in m.cond_mlp.parameters()] == [(24, D), (24,), (24, 24), (24,)]
+    assert tuple(m.cond_proj.weight.shape) == (2 * 32, 24)
+    assert tiny(2).cond_mlp is None and tuple(tiny(2).cond_proj.weight.shape) == (2 * 32, D)
+    # Fan-in initialisation, not N(0, 0.02): the first layer's rows keep a unit-norm input's scale.
+    assert m.cond_mlp[0].weight.std().item() > 0.1
+    _, cond = data()
+    want = m.cond_proj(m.cond_mlp(cond)).view(3, 2, 32)
+    torch.testing.assert_close(m.prefix(cond), want)
+    drop = torch.tensor([True, False, True])
+    got = m.prefix(cond, drop)
+    torch.testing.assert_close(got[1], want[1])
+    torch.testing.assert_close(got[0], m.null_prefix)
+    # Saved and loaded with its config; configs written before the field load as CLIP-GEN's linear map.
+    torch.save({"kind": "gpt", "config": m.cfg.to_dict(), "model": m.state_dict()}, tmp_path / "g.pt")
+    back = load_gpt(tmp_path / "g.pt")
+    assert back.cfg.cond_hidden == 24
+    torch.testing.assert_close(back.prefix(cond), m.prefix(cond))
+    old = {k: v for k, v in tiny(2).cfg.to_dict().items() if k != "cond_hidden"}
+    assert GPTConfig.from_dict(old).cond_hidden == 0
+    # The MLP is trained: its matrices are in the decayed group, its biases not.
+    decay, no_decay = m.param_groups(0.1)
+    assert any(p is m.cond_mlp[0].weight for p in decay["params"])
+    assert any(p is m.cond_mlp[0].bias for p in no_decay["params"])
+
+
+def test_cond_hidden_samples_with_the_cache_as_without():
+    m = tiny(1, cond_hidden=16)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    tokens, cond = data()
+    full = m(tokens, cond)
+    cache = m.new_kv_cache(3)
+    steps = [m(tokens[:, :0], cond, kv_cache=cache)]
+    steps += [m(tokens[:, i:i + 1], None, kv_cache=cache) for i in range(N - 1)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+    a, b = m.sample(cond, generator=gen(3)), m.sample(cond, generator=gen(3), step="static")
+    assert torch.equal(a, b)

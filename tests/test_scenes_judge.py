@@ -7,7 +7,7 @@ from PIL import Image
 
 from datasets import scenes
 from datasets.scenes import COLORS, SHAPES, SceneObject
-from evaluation.scenes_judge import MIN_PIXELS, Query, check, find_objects, label_regions, right
+from evaluation.scenes_judge import MIN_PIXELS, Found, Query, check, find_objects, label_regions, right, why_wrong
 
 RED, GREEN, BLUE, YELLOW = (next(i for i, (n, _) in enumerate(COLORS) if n == name)
                             for name in ("red", "green", "blue", "yellow"))
@@ -108,6 +108,28 @@ def test_colour_attribution():
     assert not _right(q, (RED, SQUARE, 0, 0), (RED, CIRCLE, 1, 2))      # one colour wrong
     assert not _right(q, (RED, SQUARE, 0, 0))                           # one too few
     assert not _right(q, (RED, SQUARE, 0, 0), (GREEN, CIRCLE, 1, 2), (BLUE, DIAMOND, 2, 2))  # an extra object
+
+
+def test_why_a_sample_is_wrong():
+    def why(query, *objects):
+        return why_wrong(query, find_objects(_scene(*objects)))
+
+    ca = Query("colour_attribution", ((RED, SQUARE), (GREEN, CIRCLE)))
+    assert why(ca, (RED, SQUARE, 0, 0), (GREEN, CIRCLE, 1, 2)) is None
+    assert why(ca, (GREEN, SQUARE, 0, 0), (RED, CIRCLE, 1, 2)) == "swapped"
+    assert why(ca, (RED, SQUARE, 0, 0), (RED, CIRCLE, 1, 2)) == "kinds"
+    assert why(ca, (RED, SQUARE, 0, 0)) == "objects"
+    pos = Query("position", ((RED, CIRCLE), (BLUE, SQUARE)), relation="left of")
+    assert why(pos, (RED, CIRCLE, 1, 0), (BLUE, SQUARE, 1, 2)) is None
+    assert why(pos, (RED, CIRCLE, 1, 2), (BLUE, SQUARE, 1, 0)) == "relation"
+    assert why(pos, (RED, SQUARE, 1, 0), (BLUE, CIRCLE, 1, 2)) == "kinds"
+    assert why(pos, (RED, CIRCLE, 1, 0), (BLUE, SQUARE, 1, 2), (RED, CIRCLE, 0, 0)) == "objects"
+    count = Query("counting", ((GREEN, TRIANGLE),), count=2)
+    assert why(count, (GREEN, TRIANGLE, 0, 0)) == "objects"
+    assert why(count, (GREEN, TRIANGLE, 0, 0), (GREEN, DIAMOND, 2, 2)) == "kinds"
+    sliver = Found(color=RED, shape=-1, cx=11.0, cy=11.0, pixels=14)  # what the judge makes of a sliver
+    assert why_wrong(Query("single", ((RED, SQUARE),)), [sliver]) == "unreadable"
+    assert why_wrong(Query("single", ((RED, SQUARE),)), [sliver, sliver]) == "objects"
 
 
 @pytest.mark.parametrize("relation, first_cell, second_cell", [

@@ -14,6 +14,7 @@ from datasets.robust import DataError
 from datasets.shapes import ShapesDataset
 from models.clip import load_clip
 from models.convert import load_vqgan
+from models.convert_gpt import load_gpt
 from models.vqgan import VQGAN, VQGANConfig
 from tests.compare import assert_states_match
 from tests.conftest import COMPAT_DIR, REPO, assert_one_error
@@ -97,10 +98,11 @@ def test_gpt_loss_falls_on_shards(frozen, tmp_path):
 
 def test_gpt_on_the_fly_and_text_condition(frozen, tmp_path):
     r = run_gpt(frozen, ["--cond", "text", "--max-steps", "3", "--val-every", "3", "--shapes-train-size", "32",
-                         "--shapes-val-size", "8", "--out-dir", str(tmp_path)])
+                         "--shapes-val-size", "8", "--cond-hidden", "16", "--out-dir", str(tmp_path)])
     assert r.returncode == 0, r.stderr
     assert "cond text" in r.stdout and "on the fly" in r.stdout
     assert load_state(tmp_path / "latest.pt")["conditioning"]["cond"] == "text"
+    assert load_gpt(tmp_path / "latest.pt").cond_mlp[0].weight.shape[0] == 16  # --cond-hidden reached the model
 
 
 def test_gpt_sigterm_then_resume_equals_uninterrupted_run(frozen, tmp_path):
