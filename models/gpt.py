@@ -230,6 +230,9 @@ STEPS = ("eager", "static", "cuda-graph")  # GPT.sample(step=...): how the one-t
 
 class GPT(nn.Module):
     pack_decoding = True  # sample(): prepacked oneDNN weights on the CPU (models/packed.py); off: plain F.linear
+    # While sample_sjd runs: the tokens final in every row before the forward now running. A forward
+    # there verifies a window, so forwards counted are not tokens drawn; progress bars read this instead.
+    tokens_final: int | None = None
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -429,6 +432,7 @@ class GPT(nn.Module):
             while c < N:
                 w = min(window, N - 1 - c)                  # drafts fed; distributions for positions c..c+w
                 cache.length = 0 if c == 0 else P + c - 1
+                self.tokens_final = c                       # what progress observers report (pipeline.py)
                 feed = out[:, :w] if c == 0 else out[:, c - 1:c + w]
                 logits = self(feed.repeat(2, 1) if guided else feed, cond if c == 0 else None,
                               cond_drop if c == 0 else None, kv_cache=cache)[:, -(w + 1):].float()
@@ -476,6 +480,7 @@ class GPT(nn.Module):
                     fresh = torch.cat([fresh[:, shift:], fresh.new_ones(B, min(shift, window + 1))], 1)
         finally:
             self.train(was_training)
+            self.tokens_final = None
         self.last_forwards = forwards
         return out
 

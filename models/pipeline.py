@@ -275,7 +275,8 @@ def _threads(n: int | None):
 def _token_progress(gpt: GPT | FlowPrior, report: Callable[[float], None] | None, start: int, rows: int):
     """While a batch of `rows` (rows start.. of the whole) is sampled, report start + rows * (tokens drawn /
     tokens) after each GPT step: one forward per token, seen through a forward hook (for the flow prior,
-    network evaluations done / its n_forwards)."""
+    network evaluations done / its n_forwards; under speculative Jacobi decoding, which verifies several
+    tokens a forward, the tokens final in every row, GPT.tokens_final)."""
     if report is None:
         yield
         return
@@ -283,7 +284,8 @@ def _token_progress(gpt: GPT | FlowPrior, report: Callable[[float], None] | None
 
     def hook(*_):
         calls[0] += 1
-        report(start + rows * min(calls[0], n) / n)
+        final = getattr(gpt, "tokens_final", None)
+        report(start + rows * (final / gpt.cfg.n_tokens if final is not None else min(calls[0], n) / n))
 
     handle = gpt.register_forward_hook(hook)
     try:

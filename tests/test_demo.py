@@ -392,6 +392,30 @@ def test_api_progress_interpolation_and_grid(ck):
     assert image_grid(torch.zeros(10, 3, 4, 4)).shape == (3, 2 * 6 + 2, 8 * 6 + 2)
 
 
+def test_sjd_progress_follows_the_tokens_made_final(ck):
+    pipe = TextToImage.from_folder(ck / "weights", device="cpu")
+    cond = pipe.clip.encode_text([PROMPT])[0]
+    pipe.parallel, pipe.window = "sjd", 4
+    seen, final = [], []
+    real = type(pipe.gpt).forward
+
+    def spy(self, *a, **k):  # the tokens final when each forward starts, as sample_sjd says them
+        final.append(self.tokens_final)
+        return real(self, *a, **k)
+
+    type(pipe.gpt).forward = spy
+    try:
+        pipe.sample(cond, 2, batch_size=2, seed=3, progress=seen.append)
+    finally:
+        type(pipe.gpt).forward = real
+    n = TINY_VQGAN.grid_size ** 2
+    assert pipe.gpt.tokens_final is None and final[0] == 0 and final == sorted(final) and final[-1] < n
+    # One report per forward, at the share of tokens final, then the batch's end: it climbs to the end
+    # instead of stopping at forwards / tokens (fewer forwards than tokens is the point of SJD).
+    assert seen == [2 * f / n for f in final] + [2.0]
+    assert len(final) == pipe.gpt.last_forwards
+
+
 def test_static_decode_step_draws_the_same_images_and_reports_progress(ck, capsys, tmp_path, monkeypatch):
     from models.gpt import GPT
 
