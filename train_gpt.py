@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(set(PRESETS) | set(FLOW_PRESETS)), default="tiny",
                    help=f"model size (gpt: {', '.join(PRESETS)}; flow: {', '.join(FLOW_PRESETS)})")
     p.add_argument("--n-prefix", type=at_least(1), default=1, help="gpt: prefix tokens the CLIP embedding becomes")
+    p.add_argument("--n-layer", type=at_least(1), default=None, help="gpt: blocks, instead of the preset's")
+    p.add_argument("--n-embd", type=at_least(1), default=None, help="gpt: width, instead of the preset's")
+    p.add_argument("--n-head", type=at_least(1), default=None,
+                   help="gpt: attention heads (must divide the width), instead of the preset's")
     p.add_argument("--cond-hidden", type=at_least(0), default=0,
                    help="gpt: width of an MLP (two GELU layers) the CLIP embedding goes through before becoming the "
                         "prefix; 0: one linear map, as CLIP-GEN")
@@ -105,6 +109,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     presets = FLOW_PRESETS if args.model == "flow" else PRESETS
     if args.preset not in presets:
         p.error(f"--preset {args.preset} is not a {args.model} preset; choose one of {', '.join(presets)}")
+    args.shape = {k: v for k in ("n_layer", "n_embd", "n_head") if (v := getattr(args, k)) is not None}
+    if args.shape and args.model != "gpt":
+        p.error("--n-layer, --n-embd and --n-head are for --model gpt (the flow prior's size is its --preset)")
+    if args.model == "gpt":
+        size = {**{k: getattr(PRESETS[args.preset], k) for k in ("n_embd", "n_head")}, **args.shape}
+        if size["n_embd"] % size["n_head"]:
+            p.error(f"a width of {size['n_embd']} does not split into {size['n_head']} attention heads "
+                    "(--n-embd must be a multiple of --n-head)")
     args.out_dir = args.out_dir or f"runs/{args.model}-{args.preset}"
     if args.cond == "text" and args.dataset in ("shapes", "scenes"):
         args.shapes_split = "captioned"  # captions exist only in the captioned split
@@ -318,7 +330,7 @@ def build_model(args, run, vqgan, clip) -> GPT:
     elif init is not None:
         cfg = replace(init.cfg, **({"dropout": args.dropout} if args.dropout is not None else {}))
     else:
-        over = {"n_prefix": args.n_prefix, "cond_hidden": args.cond_hidden,
+        over = {"n_prefix": args.n_prefix, "cond_hidden": args.cond_hidden, **args.shape,
                 **({"dropout": args.dropout} if args.dropout is not None else {})}
         cfg = build_gpt(args.preset, vocab_size=vqgan.cfg.n_codes, n_tokens=vqgan.cfg.grid_size ** 2,
                         cond_dim=clip.embed_dim, null_cond_trained=args.cond_drop > 0, **over).cfg
@@ -387,7 +399,8 @@ def main(args) -> None:
         model = torch.compile(model)
     train_loader, val_loader = run.train_loader(train_ds), run.val_loader(val_ds)
 
-    run.start(f"{args.model} {args.preset}: {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M params, {cfg.n_tokens} "
+    size = f" ({cfg.n_layer} layers x {cfg.n_embd})" if args.model == "gpt" else ""
+    run.start(f"{args.model} {args.preset}{size}: {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M params, {cfg.n_tokens} "
               f"tokens of {cfg.vocab_size} codes, cond {args.cond} ({cfg.cond_dim}-d, noise {args.embed_noise}, "
               f"drop {args.cond_drop}) | {'shards ' + args.shards if args.shards else 'on the fly'}",
               note=" (fsdp)" if fsdp else "")

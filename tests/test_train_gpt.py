@@ -98,11 +98,13 @@ def test_gpt_loss_falls_on_shards(frozen, tmp_path):
 
 def test_gpt_on_the_fly_and_text_condition(frozen, tmp_path):
     r = run_gpt(frozen, ["--cond", "text", "--max-steps", "3", "--val-every", "3", "--shapes-train-size", "32",
-                         "--shapes-val-size", "8", "--cond-hidden", "16", "--out-dir", str(tmp_path)])
+                         "--shapes-val-size", "8", "--cond-hidden", "16", "--n-layer", "2", "--n-embd", "64",
+                         "--n-head", "4", "--out-dir", str(tmp_path)])
     assert r.returncode == 0, r.stderr
-    assert "cond text" in r.stdout and "on the fly" in r.stdout
+    assert "cond text" in r.stdout and "on the fly" in r.stdout and "gpt tiny (2 layers x 64)" in r.stdout
     assert load_state(tmp_path / "latest.pt")["conditioning"]["cond"] == "text"
-    assert load_gpt(tmp_path / "latest.pt").cond_mlp[0].weight.shape[0] == 16  # --cond-hidden reached the model
+    gpt = load_gpt(tmp_path / "latest.pt")   # the size flags and --cond-hidden reached the model
+    assert (gpt.cfg.n_layer, gpt.cfg.n_embd, gpt.cfg.n_head, gpt.cond_mlp[0].weight.shape[0]) == (2, 64, 4, 16)
 
 
 def test_gpt_sigterm_then_resume_equals_uninterrupted_run(frozen, tmp_path):
@@ -150,6 +152,8 @@ def test_gpt_two_gloo_processes_equal_one_process(frozen, tmp_path):
 @pytest.mark.parametrize("extra,needle", [
     (["--cond", "text"], "--cond text needs caption embeddings"),
     (["--resume", "/nonexistent.pt"], "checkpoint not found"),
+    (["--n-embd", "100"], "--n-embd must be a multiple of --n-head"),
+    (["--model", "flow", "--n-layer", "2"], "are for --model gpt"),
 ])
 def test_gpt_user_errors_end_in_one_line(forkrun, frozen, tmp_path, extra, needle):
     r = forkrun("train_gpt.py", *GPT_ARGS(frozen), "--shards", frozen / "enc-unlabeled", "--max-steps", "1",
