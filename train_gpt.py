@@ -99,8 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training times t: uniform on [0, 1], or logit-normal (SD3: more weight mid-way)")
     g = add_run_args(p, val_every=500, save_every=500,
                      init_from="a train_gpt.py checkpoint, an exported .safetensors or a CLIP-GEN gpt_*.pt, whose "
-                               "codes, token count and condition width match --vqgan and --clip (--preset and "
-                               "--n-prefix do not apply; --dropout does; --cond-drop > 0 trains its null condition)",
+                               "codes, token count and condition width match --vqgan and --clip (--preset, "
+                               "--n-prefix, --n-layer/--n-embd/--n-head and --cond-hidden do not apply; --dropout "
+                               "does; --cond-drop > 0 trains its null condition)",
                      compiles="the training forward", val_batches=True)
     g.add_argument("--sample-every", type=at_least(0), default=1000, help="sample grid cadence (0 = only at the end)")
     g.add_argument("--prompts", nargs="*", default=DEFAULT_PROMPTS, help="text prompts for sample grids")

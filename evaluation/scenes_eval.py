@@ -150,7 +150,8 @@ def render_batch(scene_list) -> torch.Tensor:
                         for s in scene_list]) / 127.5 - 1
 
 
-def _encode_renders(clip, scene_list, batch_size: int) -> torch.Tensor:
+def encode_renders(clip, scene_list, batch_size: int) -> torch.Tensor:
+    """CLIP image embeddings (N, D) of the scenes' renders, batch_size at a time."""
     return torch.cat([clip.encode_image(render_batch(scene_list[i:i + batch_size]).to(clip.device))
                       for i in range(0, len(scene_list), batch_size)])
 
@@ -165,9 +166,9 @@ def clip_alone(clip, prompts: list[ScenePrompt], batch_size: int = 128) -> dict:
     prompts that have that negative whose match beats it}, "overall": the mean of the categories' "all"}."""
     text = torch.cat([clip.encode_text([p.text for p in prompts[i:i + batch_size]])
                       for i in range(0, len(prompts), batch_size)])                      # (P, D)
-    match = _encode_renders(clip, [p.scene for p in prompts], batch_size)               # (P, D)
+    match = encode_renders(clip, [p.scene for p in prompts], batch_size)               # (P, D)
     negs = [(k, name, objs) for k, p in enumerate(prompts) for name, objs in p.negatives]
-    neg = _encode_renders(clip, [objs for _, _, objs in negs], batch_size)              # (N, D)
+    neg = encode_renders(clip, [objs for _, _, objs in negs], batch_size)              # (N, D)
     own = (text * match).sum(-1)                                                         # (P,)
     beats = (own[[k for k, _, _ in negs]] > (text[[k for k, _, _ in negs]] * neg).sum(-1)).tolist()
     out: dict = {}

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from datasets.scenes import COLORS, MAX_OBJECTS, SHAPES, SceneObject, ScenesDataset
+from evaluation.scenes_eval import N_CELLS, encode_renders
 
 N_KINDS = len(COLORS) * len(SHAPES)
-N_CELLS = 9
 READERS = ("linear", "mlp")
 TARGETS = ("objects", "cells")
 LR = {"linear": 1e-2, "mlp": 1e-3}
@@ -113,12 +113,9 @@ def probe(embed: Callable[[list], torch.Tensor], n_train: int = 20000, n_test: i
 
 
 def clip_embedder(clip, batch_size: int = 500) -> Callable[[list], torch.Tensor]:
-    from evaluation.scenes_eval import render_batch
-
     @torch.no_grad()
     def embed(scene_list):
-        return torch.cat([clip.encode_image(render_batch(scene_list[i:i + batch_size]).to(clip.device)).cpu()
-                          for i in range(0, len(scene_list), batch_size)])
+        return encode_renders(clip, scene_list, batch_size).cpu()
     return embed
 
 
