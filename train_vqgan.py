@@ -34,6 +34,8 @@ from models.vqgan import PRESETS, VQGAN, VQGANConfig
 TRAIN_DEFAULTS = {
     "shapes": dict(batch_size=16, lr=4e-4, max_steps=3000, perceptual_weight=0.0, pixel_loss="l1+l2",
                    disc_weight=0.1, disc_start=2000, warmup_steps=100, lr_schedule="cosine"),
+    "scenes": dict(batch_size=16, lr=4e-4, max_steps=3000, perceptual_weight=0.0, pixel_loss="l1+l2",
+                   disc_weight=0.1, disc_start=2000, warmup_steps=100, lr_schedule="cosine"),
     "f16-16384": dict(batch_size=16, lr=1e-4, max_steps=500_000, perceptual_weight=1.0, pixel_loss="l1",
                       disc_weight=0.8, disc_start=50_000, warmup_steps=1000, lr_schedule="constant"),
 }

@@ -12,14 +12,14 @@ DEST=${DEST:-pretrained/scenes}
 EVAL_PROMPTS=${EVAL_PROMPTS:-100}
 SUPERVISED=${SUPERVISED:-0}
 TRAIN_SIZE=${TRAIN_SIZE:-40960}
-GPT_RECIPE=${GPT_ARGS:---preset tiny --dropout 0 --lr 1e-3 --max-steps 4000 --warmup-steps 100 --embed-noise 0 --sample-every 100000}
+GPT_RECIPE=${GPT_ARGS:---preset tiny --dropout 0 --lr 1e-3 --max-steps 7000 --warmup-steps 100 --embed-noise 0 --sample-every 100000}
 mkdir -p "$OUT" "$DEST"
 
 stage "1/5 CLIP on the captioned scenes (one thread) and VQGAN on the unlabeled scenes (two), side by side"
 OMP_NUM_THREADS=1 $PY train_clip.py --preset scenes --out-dir "$OUT/clip" --no-tensorboard --resume auto \
     > "$OUT/clip.log" 2>&1 &
 clip_pid=$!
-OMP_NUM_THREADS=2 $PY train_vqgan.py --preset shapes --dataset scenes --out-dir "$OUT/vqgan" --no-tensorboard \
+OMP_NUM_THREADS=2 $PY train_vqgan.py --preset scenes --dataset scenes --out-dir "$OUT/vqgan" --no-tensorboard \
     --resume auto > "$OUT/vqgan.log" 2>&1 &
 vqgan_pid=$!
 status=0

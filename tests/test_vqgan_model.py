@@ -27,10 +27,10 @@ def test_preset_shapes(preset):
     """
     cfg = PRESETS[preset]
     B, R, g = 2, cfg.resolution, cfg.grid_size
-    assert g * cfg.downsample_factor == R
+    assert g * cfg.downsample_factor == cfg.work_resolution
     with torch.device("meta"):
         model = VQGAN(cfg)
-        h = model.quant_conv(model.encoder(torch.empty(B, 3, R, R)))
+        h = model.quant_conv(model.encoder(torch.empty(B, 3, cfg.work_resolution, cfg.work_resolution)))
         assert h.shape == (B, cfg.embed_dim, g, g)
         assert model.decode(torch.empty(B, cfg.embed_dim, g, g)).shape == (B, 3, R, R)
         assert model.decode_indices(torch.zeros(B, g, g, dtype=torch.long)).shape == (B, 3, R, R)
@@ -40,6 +40,46 @@ def test_preset_shapes(preset):
     z_q, idx, loss, _ = q(torch.randn(B, cfg.embed_dim, g, g))
     assert z_q.shape == (B, cfg.embed_dim, g, g) and idx.shape == (B, g, g) and loss.dim() == 0
     assert idx.min() >= 0 and idx.max() < cfg.n_codes
+
+
+def test_token_resolution_resizes_inside_the_model():
+    """token_resolution: the network works at that side (its grid follows it), images go in and come out at
+    `resolution`; 0 (what configs written before it load as) changes nothing."""
+    assert "token_resolution" not in TINY.to_dict()  # so a fingerprint of a file written before it is unchanged
+    assert VQGANConfig.from_dict(TINY.to_dict()) == TINY
+    assert TINY.work_resolution == TINY.resolution == 16 and TINY.grid_size == 8
+    cfg = dataclasses.replace(TINY, resolution=16, token_resolution=12)
+    assert cfg.work_resolution == 12 and cfg.grid_size == 6
+    assert VQGANConfig.from_dict(cfg.to_dict()) == cfg
+    torch.manual_seed(0)
+    model = VQGAN(cfg).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        quant, idx, _, _ = model.encode(x)
+        assert quant.shape == (2, 4, 6, 6) and idx.shape == (2, 6, 6)
+        # what the encoder saw is the antialiased 12-px image
+        small = F.interpolate(x, size=12, mode="bilinear", antialias=True, align_corners=False)
+        torch.testing.assert_close(model.encode(small)[0], quant)
+        rec = model.decode(quant)
+        assert rec.shape == (2, 3, 16, 16)
+        inner = model.decoder(model.post_quant_conv(quant))
+        assert inner.shape == (2, 3, 12, 12)
+        torch.testing.assert_close(rec, F.interpolate(inner, size=16, mode="bilinear", align_corners=False))
+
+
+def test_scenes_preset_puts_one_cell_in_two_by_two_tokens():
+    """The scenes preset's grid lines fall between the scenes world's cells: at the work side every object of
+    every cell, at its largest size and jitter, lies inside the 2 x 2 tokens of its own cell."""
+    from datasets.scenes import GRID, JITTER, SIDE_RANGE
+
+    cfg = PRESETS["scenes"]
+    assert cfg.grid_size == 6
+    scale = cfg.work_resolution / cfg.resolution
+    side = cfg.downsample_factor  # px of one token at the work side
+    half = max(SIDE_RANGE) / 2 + JITTER  # the widest reach of an object from its cell's centre
+    for k, c in enumerate(GRID):
+        lo, hi = math.floor(c - half) * scale, math.ceil(c + half) * scale  # its whole-pixel hull, scaled
+        assert 2 * k * side <= lo and hi <= 2 * (k + 1) * side, (c, lo, hi)
 
 
 def test_shapes_preset_end_to_end_on_cpu():
