@@ -33,9 +33,9 @@ class VQGANConfig:
     beta: float = 0.25              # commitment weight
     l2_codes: bool = True           # l2-normalised code lookup
     restart_threshold: float = 0.0  # re-seed codes whose running count per batch falls below this
-    # Side the network works at, 0 = resolution: images are resized to it before the encoder and the decoder's
-    # output back to resolution, so a token can cover a patch whose side does not divide the image by a power
-    # of two (the scenes world's 64-px canvas has a 3 x 3 layout: 48 px at f=16 gives one token per cell).
+    # Side the network works at, 0 = resolution (no resizing): images are scaled by token_resolution /
+    # resolution before the encoder and the decoder's output back, so token borders can fall where a power-of-
+    # two grid of the image would not put them (the scenes world's cells are 21 px apart on a 64-px canvas).
     token_resolution: int = 0
 
     @property
@@ -260,16 +260,18 @@ class VQGAN(nn.Module):
 
     def encode(self, x):
         """images (B, 3, R, R) in [-1, 1] -> (quantized (B, D, h, w), indices (B, h, w), vq loss, stats)."""
-        if self.cfg.work_resolution != x.shape[-1]:
-            x = F.interpolate(x, size=self.cfg.work_resolution, mode="bilinear", antialias=True, align_corners=False)
+        if self.cfg.token_resolution:  # to the work side (any image size, scaled as `resolution` would be)
+            size = [n * self.cfg.token_resolution // self.cfg.resolution for n in x.shape[-2:]]
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         if self.nhwc:
             x = x.contiguous(memory_format=self.memory_format)
         return self.quantize(self.quant_conv(self.encoder(x)))
 
     def decode(self, quant):
         x = self.decoder(self.post_quant_conv(quant))
-        if self.cfg.work_resolution != self.cfg.resolution:
-            x = F.interpolate(x, size=self.cfg.resolution, mode="bilinear", align_corners=False)
+        if self.cfg.token_resolution:  # back from the work side
+            size = [n * self.cfg.resolution // self.cfg.token_resolution for n in x.shape[-2:]]
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x
 
     def decode_indices(self, indices):

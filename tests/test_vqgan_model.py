@@ -59,12 +59,20 @@ def test_token_resolution_resizes_inside_the_model():
         assert quant.shape == (2, 4, 6, 6) and idx.shape == (2, 6, 6)
         # what the encoder saw is the antialiased 12-px image
         small = F.interpolate(x, size=12, mode="bilinear", antialias=True, align_corners=False)
-        torch.testing.assert_close(model.encode(small)[0], quant)
+        torch.testing.assert_close(model.quantize(model.quant_conv(model.encoder(small)))[0], quant)
         rec = model.decode(quant)
         assert rec.shape == (2, 3, 16, 16)
         inner = model.decoder(model.post_quant_conv(quant))
         assert inner.shape == (2, 3, 12, 12)
         torch.testing.assert_close(rec, F.interpolate(inner, size=16, mode="bilinear", align_corners=False))
+        # another image size is scaled the same way (32 px -> 24 px -> a 12 x 12 grid -> 32 px again) ...
+        big = torch.rand(1, 3, 32, 32) * 2 - 1
+        q32, idx32, _, _ = model.encode(big)
+        assert idx32.shape == (1, 12, 12) and model.decode(q32).shape == (1, 3, 32, 32)
+    # ... and without token_resolution nothing is resized, whatever the image size (a conv VQGAN encodes any)
+    plain = tiny_model().eval()
+    with torch.no_grad():
+        assert plain.encode(torch.rand(1, 3, 24, 24) * 2 - 1)[1].shape == (1, 12, 12)
 
 
 def test_scenes_preset_puts_one_cell_in_two_by_two_tokens():
