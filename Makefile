@@ -14,11 +14,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
+# Two test processes (pytest-xdist; TEST_WORKERS=0 runs in this one): the tests are single-threaded.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "slow or not slow"
 
 # Text to pictures with the shipped Shapes-world checkpoints (pretrained/shapes/): sample.png and sample_*.png.
 DEMO_TEXT ?= a large red circle in the top left

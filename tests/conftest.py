@@ -14,57 +14,44 @@ REPO = Path(__file__).resolve().parents[1]
 # compatibility test; COMPAT_FIXTURES may point elsewhere. Never None: a missing fixture fails, not skips.
 COMPAT_DIR = Path(os.environ.get("COMPAT_FIXTURES") or REPO / "tests" / "fixtures" / "compat")
 
-# Tiny models on a 2-core machine: OpenMP hand-offs between threads cost more than they save.
+# Tiny models on a 2-core machine: OpenMP hand-offs between threads cost more than they save, and `make test`
+# runs two test processes (pytest-xdist), one a core.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts with one torch thread: code under test that sets more (demo.main on a big model)
+    would otherwise leave them to the tests after it, which then fight the other test process for cores."""
+    torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(scope="session")
 def frozen(tmp_path_factory):
     """A tiny VQGAN and a tiny CLIP checkpoint, and pre-encoded Shapes shards made with them (both splits):
     built once per test session, shared by every module that trains a GPT."""
-    from tests.test_train_vqgan import _env
+    from tests import forkrun
     from tests.tiny import write_tiny
 
     root = write_tiny(tmp_path_factory.mktemp("stage2"), gpt=False)
     for split in ("unlabeled", "captioned"):
-        r = subprocess.run([sys.executable, "preencode.py", "--vqgan", str(root / "vqgan.pt"), "--clip",
-                            str(root / "clip.pt"), "--out", str(root / f"enc-{split}"), "--shapes-split", split,
-                            "--shapes-train-size", "96", "--shapes-val-size", "16", "--shard-size", "40",
-                            "--num-workers", "0"], cwd=REPO, env=_env(), capture_output=True, text=True,
-                           timeout=300)
+        r = forkrun.run("preencode.py", "--vqgan", root / "vqgan.pt", "--clip", root / "clip.pt", "--out",
+                        root / f"enc-{split}", "--shapes-split", split, "--shapes-train-size", "96",
+                        "--shapes-val-size", "16", "--shard-size", "40", "--num-workers", "0")
         assert r.returncode == 0, r.stderr
         assert "done: encoded 96 train and 16 val items" in r.stdout
     return root
 
 
 @pytest.fixture(scope="session")
-def forkrun(tmp_path_factory):
+def forkrun():
     """run(script, *args, fault=None) -> (returncode, stdout, stderr), as `python script args` in the repo,
     forked from one server that imported torch and the project once (tests/forkrun.py): ~0.3 s a run
-    instead of ~7 s, for the many runs that end at an argument or file check."""
-    import json
-    import types
+    instead of ~4 s."""
+    from tests import forkrun as server
 
-    from tests.test_train_vqgan import _env
-
-    logs = tmp_path_factory.mktemp("runs")
-    proc = subprocess.Popen([sys.executable, "tests/forkrun.py"], cwd=REPO, env=_env(), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert json.loads(proc.stdout.readline()) == {"ready": True}
-    count = iter(range(10**6))
-
-    def run(script: str, *args, fault: str | None = None):
-        n = next(count)
-        out, err = logs / f"{n}.out", logs / f"{n}.err"
-        proc.stdin.write(json.dumps({"script": script, "args": [str(a) for a in args], "stdout": str(out),
-                                     "stderr": str(err), "fault": fault}) + "\n")
-        proc.stdin.flush()
-        code = json.loads(proc.stdout.readline())["returncode"]
-        return types.SimpleNamespace(returncode=code, stdout=out.read_text(), stderr=err.read_text())
-
-    yield run
-    proc.stdin.close()
-    proc.wait(timeout=30)
+    return server.run
 
 
 def assert_one_error(r, needle: str = "") -> str:

@@ -12,14 +12,25 @@ signal for a crash. Requests and replies are JSON lines on stdin / stdout.
 
 fault "disk-full": every temporary file engine.checkpoint.atomic_write writes is /dev/full, which
 refuses every write with ENOSPC, as a full disk does.
+
+The test side is `shared()`: one server per test process, started on first use, whose `run(script, *args)`
+returns what subprocess.run(..., capture_output=True, text=True) would (returncode, stdout, stderr). Short
+training runs go through it too (their few steps cost less than the imports); runs that must be real
+processes (signals sent mid-run, torchrun, launcher environments) stay subprocesses.
 """
 from __future__ import annotations
 
 import json
 import os
 import runpy
+import select
+import signal
+import subprocess
 import sys
+import tempfile
 import traceback
+import types
+from pathlib import Path
 
 PRELOAD = ("torch", "torchvision", "PIL.Image", "safetensors.torch", "open_clip", "datasets", "engine.cli",
            "engine.trainer", "models.clip", "models.convert", "models.convert_gpt", "models.gpt", "models.losses",
@@ -98,6 +109,69 @@ def serve() -> None:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+class Client:
+    """The test side: starts the server (in its own process group, with env) and sends it runs."""
+
+    def __init__(self, env: dict):
+        repo = Path(__file__).resolve().parents[1]
+        self.logs = Path(tempfile.mkdtemp(prefix="forkrun-"))
+        self.count = 0
+        self.proc = subprocess.Popen([sys.executable, str(repo / "tests" / "forkrun.py")], cwd=repo, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        assert json.loads(self._reply(300)) == {"ready": True}
+
+    def _reply(self, timeout: float) -> str:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:  # a hung run: kill the server and its child, so the next test gets a fresh one
+            self.kill()
+            raise subprocess.TimeoutExpired("forkrun", timeout)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the forkrun server died")
+        return line
+
+    def run(self, script: str, *args, fault: str | None = None, timeout: float = 300):
+        self.count += 1
+        out, err = self.logs / f"{self.count}.out", self.logs / f"{self.count}.err"
+        self.proc.stdin.write(json.dumps({"script": script, "args": [str(a) for a in args], "stdout": str(out),
+                                          "stderr": str(err), "fault": fault}) + "\n")
+        self.proc.stdin.flush()
+        code = json.loads(self._reply(timeout))["returncode"]
+        return types.SimpleNamespace(returncode=code, stdout=out.read_text(), stderr=err.read_text())
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+_shared: Client | None = None
+
+
+def shared() -> Client:
+    """This test process's server (started on first use, with the tests' subprocess environment)."""
+    global _shared
+    if _shared is None or not _shared.alive():
+        import atexit
+
+        from tests.test_train_vqgan import _env
+
+        _shared = Client(_env())
+        atexit.register(_shared.kill)
+    return _shared
+
+
+def run(script: str, *args, fault: str | None = None, timeout: float = 300):
+    """`python script args` in the repository through this process's server: (returncode, stdout, stderr)."""
+    return shared().run(script, *args, fault=fault, timeout=timeout)
 
 
 if __name__ == "__main__":

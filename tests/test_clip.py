@@ -19,6 +19,7 @@ from PIL import Image
 from engine.checkpoint import CheckpointError
 from evaluation.zero_shot import ZERO_SHOT_ATTRIBUTES, attribute_prompts, zero_shot_accuracy
 from models.clip import CLIP, build_open_clip, load_clip
+from tests import forkrun
 from tests.compare import assert_states_match
 from tests.conftest import COMPAT_DIR, REPO
 from tests.test_train_vqgan import _env, _free_port, assert_same_tensors, interrupt_at, load_state
@@ -282,8 +283,7 @@ BASE = ["--preset", "tiny", "--no-tensorboard", "--log-every", "1", "--num-worke
 
 
 def run_train(args, timeout=300):
-    return subprocess.run([sys.executable, "train_clip.py", *BASE, *args], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return forkrun.run("train_clip.py", *BASE, *args, timeout=timeout)
 
 
 def test_tiny_run_lowers_loss_and_writes_a_checkpoint_load_clip_reads(tmp_path):

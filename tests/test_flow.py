@@ -14,6 +14,7 @@ from models.convert import load_vqgan
 from models.flow import FlowConfig, FlowPrior, build_flow, check_codebook, load_flow, load_prior
 from models.gpt import GPT, GuidanceError
 from models.vqgan import VQGAN
+from tests import forkrun
 from tests.conftest import REPO
 from tests.test_train_vqgan import _env, _free_port, interrupt_at, load_state
 from tests.tiny import TINY_CLIP, TINY_VQGAN, tiny_flow, tiny_gpt
@@ -212,11 +213,13 @@ def test_the_pipeline_samples_a_flow_prior_as_it_samples_the_gpt(flow, vqgan, tm
 # ----------------------------------------------------------------------------- train_gpt.py --model flow
 
 def run_flow(frozen, args, prefix=None, timeout=300):
-    cmd = (prefix or [sys.executable]) + [
+    cmd = [
         "train_gpt.py", "--model", "flow", "--vqgan", str(frozen / "vqgan.pt"), "--clip", str(frozen / "clip.pt"),
         "--shards", str(frozen / "enc-unlabeled"), "--batch-size", "8", "--no-tensorboard", "--log-every", "1",
         "--num-workers", "0", "--prompts", "a red circle", "--warmup-steps", "2", "--flow-steps", "2", *args]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if prefix is None:  # through the fork server (tests/forkrun.py)
+        return forkrun.run(*cmd, timeout=timeout)
+    return subprocess.run(prefix + cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_flow_loss_falls_resume_is_exact_and_export_samples_the_same(frozen, tmp_path):

@@ -4,6 +4,7 @@ import sys
 
 import torch
 
+from tests import forkrun
 from tests.test_launch import EQUAL, assert_same_model, gpt_cmd
 from tests.test_train_vqgan import _env, _free_port, load_state
 from tests.conftest import REPO
@@ -18,8 +19,10 @@ def run(frozen, args, procs=1):
         prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     cmd = gpt_cmd(frozen, args)
-    r = subprocess.run((prefix + cmd[1:]) if prefix else cmd, cwd=REPO, env=_env(), capture_output=True,
-                       text=True, timeout=300)
+    if prefix:
+        r = subprocess.run(prefix + cmd[1:], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    else:  # through the fork server (tests/forkrun.py)
+        r = forkrun.run(*cmd[1:])
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 

@@ -195,13 +195,13 @@ def test_hfai_node_spawns_one_process_per_gpu(frozen, one_process, tmp_path):
 def test_hfai_suspend_saves_suspends_and_resumes_at_the_next_step(frozen, tmp_path):
     env = hfai_env(tmp_path)
     (tmp_path / "suspend").touch()  # the cluster wants the node back from the start
-    args = ["--max-steps", "30", "--val-every", "100", "--sample-every", "0", "--save-every", "100",
+    args = ["--max-steps", "10", "--val-every", "100", "--sample-every", "0", "--save-every", "100",
             "--out-dir", str(tmp_path / "run")]
     r = subprocess.run(gpt_cmd(frozen, args), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "received hfai's suspend command" in r.stdout
     stopped = load_state(tmp_path / "run" / "latest.pt")["step"]
-    assert 1 <= stopped < 30
+    assert 1 <= stopped < 10
     assert len((tmp_path / "suspended").read_text().split()) == 1  # rank 0 told hfai, once
     (tmp_path / "suspend").unlink()
     r = subprocess.run(gpt_cmd(frozen, args + ["--resume", "auto"]), cwd=REPO, env=env, capture_output=True,
@@ -209,25 +209,25 @@ def test_hfai_suspend_saves_suspends_and_resumes_at_the_next_step(frozen, tmp_pa
     assert r.returncode == 0, r.stderr
     assert f"resuming at step {stopped}" in r.stdout
     steps = [int(line.split()[1].split("/")[0]) for line in r.stdout.splitlines() if line.startswith("step ")]
-    assert steps[0] == stopped + 1 and steps[-1] == 30
+    assert steps[0] == stopped + 1 and steps[-1] == 10
 
 
 def test_sigusr1_saves_and_a_relaunch_continues_at_the_next_step(frozen, tmp_path):
     """Slurm's preemption warning (--signal=USR1@T): save, exit 0; the requeued job goes on from there."""
-    args = ["--max-steps", "40", "--val-every", "100", "--sample-every", "0", "--save-every", "100",
+    args = ["--max-steps", "15", "--val-every", "100", "--sample-every", "0", "--save-every", "100",
             "--out-dir", str(tmp_path)]
-    rc, out, err = interrupt_at(gpt_cmd(frozen, args), "step 3/40", signal.SIGUSR1)
+    rc, out, err = interrupt_at(gpt_cmd(frozen, args), "step 3/15", signal.SIGUSR1)
     assert rc == 0, err
     assert "received SIGUSR1" in out
     stopped = load_state(tmp_path / "latest.pt")["step"]
-    assert 3 <= stopped < 40
+    assert 3 <= stopped < 15
     # A requeued Slurm job is the same command again; SLURM_RESTART_COUNT > 0 makes it resume without --resume.
     r = subprocess.run(gpt_cmd(frozen, args), cwd=REPO, env=dict(_env(), SLURM_RESTART_COUNT="1"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"resuming at step {stopped}" in r.stdout
     steps = [int(line.split()[1].split("/")[0]) for line in r.stdout.splitlines() if line.startswith("step ")]
-    assert steps[0] == stopped + 1 and steps[-1] == 40
+    assert steps[0] == stopped + 1 and steps[-1] == 15
 
 
 def _children(pid: int) -> list[int]:

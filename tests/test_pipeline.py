@@ -1,6 +1,5 @@
 """The sampling pipeline (text -> CLIP -> GPT -> VQGAN -> CLIP re-ranking) and evaluate.py on tiny models."""
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys

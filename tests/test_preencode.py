@@ -17,6 +17,7 @@ from models.clip import build_open_clip, load_clip
 from models.convert import load_vqgan
 from models.fingerprint import fingerprint
 from models.vqgan import VQGAN, VQGANConfig
+from tests import forkrun
 from tests.conftest import REPO
 from tests.test_train_vqgan import _env
 from tests.tiny import TINY_CLIP, TINY_VQGAN
@@ -39,9 +40,7 @@ def other_clip(path):
 
 
 def preencode(vqgan, clip, out, *extra):
-    return subprocess.run([sys.executable, "preencode.py", "--vqgan", str(vqgan), "--clip", str(clip), "--out",
-                           str(out), *SIZES, *extra], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    return forkrun.run("preencode.py", "--vqgan", vqgan, "--clip", clip, "--out", out, *SIZES, *extra)
 
 
 def snapshot(folder):

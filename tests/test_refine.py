@@ -21,7 +21,6 @@ PROMPT = "a small purple square in the top left"
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.set_num_threads(2)
     return TextToImage.from_folder(SHAPES, device="cpu")
 
 

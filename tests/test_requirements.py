@@ -21,6 +21,7 @@ UNPINNED = {
 INDIRECT = {
     "tensorboard": "torch.utils.tensorboard imports it (engine/logs.py)",
     "pytest-timeout": "a pytest plugin: pytest.ini's `timeout` needs it",
+    "pytest-xdist": "a pytest plugin: `make test` runs the suite in TEST_WORKERS processes with it (-n)",
 }
 SKIP_DIRS = {"runs", "__pycache__"}  # runs/: training output (.gitignore); hidden folders (.venv, .git) too
 

@@ -3,8 +3,6 @@ that never touch, exact palette colours, captions that name every object with th
 relations), --dataset scenes on the trainers, and a Shapes world whose pixels the shared renderer kept."""
 import hashlib
 import re
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -17,8 +15,7 @@ from datasets.scenes import (COLORS, GRID, MAX_OBJECTS, SHAPES, SPLIT_SEEDS, TEM
                              caption_scene, describe_groups, describe_relation, noun_phrase, place, render_scene,
                              sample_scene)
 from evaluation.scenes_zero_shot import scene_accuracies, scene_name, scene_zero_shot_counts
-from tests.conftest import REPO
-from tests.test_train_vqgan import _env
+from tests import forkrun
 
 SEED = SPLIT_SEEDS["captioned-train"]
 
@@ -281,8 +278,7 @@ def test_scene_zero_shot_counts_each_object_count():
 
 
 def _run(args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return forkrun.run(*args, timeout=timeout)  # `python args` through the fork server (tests/forkrun.py)
 
 
 def test_train_clip_learns_scene_captions(tmp_path):

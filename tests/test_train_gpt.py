@@ -16,6 +16,7 @@ from models.clip import load_clip
 from models.convert import load_vqgan
 from models.convert_gpt import load_gpt
 from models.vqgan import VQGAN, VQGANConfig
+from tests import forkrun
 from tests.compare import assert_states_match
 from tests.conftest import COMPAT_DIR, REPO, assert_one_error
 from tests.tiny import TINY_CLIP, TINY_VQGAN, tiny_gpt
@@ -78,7 +79,9 @@ def GPT_ARGS(frozen):
 
 
 def run_gpt(frozen, args, prefix=None, timeout=300):
-    cmd = (prefix or [sys.executable]) + ["train_gpt.py", *GPT_ARGS(frozen), *args]
+    if prefix is None:  # through the fork server (tests/forkrun.py)
+        return forkrun.run("train_gpt.py", *GPT_ARGS(frozen), *args, timeout=timeout)
+    cmd = prefix + ["train_gpt.py", *GPT_ARGS(frozen), *args]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -212,8 +215,7 @@ def SMALL_ARGS(small, vqgan="vqgan.pt"):
 
 
 def run_small(small, args, vqgan="vqgan.pt"):
-    return subprocess.run([sys.executable, "train_gpt.py", *SMALL_ARGS(small, vqgan), *args],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    return forkrun.run("train_gpt.py", *SMALL_ARGS(small, vqgan), *args)
 
 
 @pytest.mark.parametrize("source,cond_drop,null_trained", [("clipgen", "0.1", True), ("exported", "0", False)])
