@@ -24,6 +24,7 @@ import json
 import os
 import runpy
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,11 +147,13 @@ class Client:
         return self.proc.poll() is None
 
     def kill(self) -> None:
+        """Stop the server and any run of it still going; its logs go too."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait()
+        shutil.rmtree(self.logs, ignore_errors=True)
 
 
 _shared: Client | None = None
