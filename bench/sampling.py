@@ -10,7 +10,7 @@ Before timing, each case checks that the two samplers agree: greedy decoding (to
 guidance 1 and 2, a short sequence -> identical tokens (asserted), so the speed-up compares like with like.
 
 Rows per case and guidance scale: naive fp32, project fp32, and on devices where
-engine.distributed.autocast_dtype('auto', device) picks bf16 (CUDA; CPUs with AMX / AVX512-BF16) also
+engine.distributed.autocast_dtype('auto', device) picks bf16 (CUDA; CPUs with AMX) also
 project bf16 autocast, so the KV-cache gain and the precision gain read separately. (models/pipeline.py
 itself autocasts on CUDA only: on CPU the demo runs the fp32 row.) Where the naive sampler would take too
 long it is timed on the first `naive_prefix` tokens, one timing per step, and the rest of the steps are

@@ -6,7 +6,7 @@ frozen VQGAN and CLIP on the fly (train_gpt.py's two data paths), same model, ba
 Both paths time the whole step as train_gpt.py runs it: fetch + collate the batch (Shapes images are
 rendered, shard items are read from memory), train_gpt.Conditioner (tokens and CLIP image embedding;
 VQGAN encode under the trainer's autocast), the condition-drop mask, forward under autocast
-(engine.distributed.autocast_dtype('auto'): bf16 on CUDA and on CPUs with AMX / AVX512-BF16), cross
+(engine.distributed.autocast_dtype('auto'): bf16 on CUDA and on CPUs with AMX), cross
 entropy, backward, grad clipping (1.0), AdamW (GPT-2 groups, betas 0.9/0.95), EMA update (0.999).
 Data loading runs in the main process here (the trainer's default --num-workers 1 overlaps it with the
 step; rendering a Shapes batch is a small part either way). The shards are written with

@@ -5,7 +5,7 @@ pixel + codebook + adaptive-weighted GAN loss, then the PatchGAN discriminator u
 
 The step is train_vqgan.py's loop body with the GAN active (step past --disc-start), its preset defaults
 (train_vqgan.parse_args), Adam betas (0.5, 0.9), grad clip, autocast from
-engine.distributed.autocast_dtype('auto') (bf16 on CUDA and on CPUs with AMX / AVX512-BF16). The
+engine.distributed.autocast_dtype('auto') (bf16 on CUDA and on CPUs with AMX). The
 perceptual (LPIPS) loss is OFF (weight 0) in every row: it needs torchvision's VGG16 weights, which are not
 available on the machines this was written on; f16-16384 trains with weight 1.0, so its real step is
 slower than reported by one VGG16 forward/backward. Images: Shapes renders at the preset's resolution.

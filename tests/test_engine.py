@@ -143,3 +143,20 @@ def test_fp16_scaler_skips_an_overflowing_step_and_halves_the_scale():
     assert torch.allclose(lin.weight, before - 0.1, atol=1e-3) and p.overflow_steps == 1
     assert p.scalars() == {"amp/loss_scale": 2.0 ** 15, "amp/overflow_steps": 1}
     assert Precision("bf16", torch.device("cpu")).scalars() == {}  # no scaler under bf16 and fp32
+
+
+@pytest.mark.parametrize("flags,want", [("fpu avx512f avx512_bf16 amx_bf16 amx_tile", torch.bfloat16),
+                                        ("fpu avx512f avx512_bf16", None),  # measured slower in bf16
+                                        ("fpu avx2", None)])
+def test_precision_auto_picks_bf16_on_cpus_with_amx_only(tmp_path, monkeypatch, flags, want):
+    import builtins
+
+    from engine import distributed as D
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    assert D.autocast_dtype("auto", torch.device("cpu")) is want
+    assert D.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16  # asked for: always
+    assert D.autocast_dtype("fp32", torch.device("cpu")) is None
