@@ -53,6 +53,7 @@ from evaluation.fid import fid, frechet_distance, inception_weights, torch_fidel
 from evaluation.judge import judge
 from evaluation.refined import RefineTally, add_refine_args, refine_config, refine_markdown, refine_rows
 from models.flow import add_flow_args, add_parallel_args, apply_flow_args, apply_parallel_args, describe
+from models.gpt import decoding_window
 from models.pipeline import TextToImage
 
 NAMED = {"all": ("color", "shape", "size", "position"), "color+shape": ("color", "shape"),
@@ -248,7 +249,8 @@ def main(args, fid_features=None) -> None:
         result.update(dataset=args.dataset, data_path=args.data_path, ema=not args.no_ema, gpt=args.gpt,
                       vqgan=args.vqgan, clip=args.clip)
         text = real_data.markdown(result)
-    result["prior"] = {**describe(pipe.gpt), **({"parallel": pipe.parallel, "window": pipe.window}
+    window = pipe.parallel and decoding_window(pipe.parallel, pipe.window, pipe.gpt.cfg.n_tokens)
+    result["prior"] = {**describe(pipe.gpt), **({"parallel": pipe.parallel, "window": window}
                                                  if pipe.parallel else {})}
     _report(text, result, args.json)
 

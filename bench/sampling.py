@@ -125,7 +125,7 @@ def unpacked(gpt: GPT, dtype: torch.dtype | None = None) -> GPT:
     return m
 
 
-def decoders(gpt: GPT, cond: torch.Tensor, device: torch.device, bf16) -> list[dict]:
+def decoders(gpt: GPT, cond: torch.Tensor, device: torch.device, bf16, n_tokens: int) -> list[dict]:
     """The decoders a case compares: the sampler as it was (fp32 and bf16 weights through F.linear) and
     the fast paths (prepacked weights on a CPU, static or CUDA-graph steps, speculative Jacobi decoding)."""
     def v(name, model, precision="fp32", amp=None, before=False, **kw):
@@ -149,7 +149,16 @@ def decoders(gpt: GPT, cond: torch.Tensor, device: torch.device, bf16) -> list[d
                      step="cuda-graph"))
     for window in (4, 8):
         out.append(v(f"sjd window {window}", gpt, parallel="sjd", window=window))
+    for window in zipar_windows(n_tokens):
+        out.append(v(f"zipar window {window}", gpt, parallel="zipar", window=window))
     return out
+
+
+def zipar_windows(n_tokens: int) -> list[int]:
+    """Row-parallel windows a case times: a quarter of a row, half a row less one (the widest under half
+    the forwards of one-token decoding) and half a row (the default)."""
+    side = math.isqrt(n_tokens)
+    return sorted({max(1, side // 4), max(1, side // 2 - 1), max(1, side // 2)})
 
 
 def check_fast_paths(gpt: GPT, cond: torch.Tensor, n_tokens: int, variants: list[dict]) -> dict:
@@ -166,7 +175,7 @@ def check_fast_paths(gpt: GPT, cond: torch.Tensor, n_tokens: int, variants: list
     ref = {scale: project_sample(variants[0]["model"], cond, None, top_k=1, cfg_scale=scale, n_tokens=n_tokens)
            for scale in (1.0, 2.0)}
     for v in variants[2:]:
-        if v["precision"] != "fp32":
+        if v["precision"] != "fp32" or v["kw"].get("parallel") == "zipar":   # zipar: another distribution
             continue
         for scale in (1.0, 2.0):
             got = project_sample(v["model"], cond, None, top_k=1, cfg_scale=scale, n_tokens=n_tokens, **v["kw"])
@@ -245,7 +254,7 @@ def run_case(name: str, quick: bool, device: torch.device) -> list[dict]:
     check = check_greedy_agreement(gpt, cond, spec["check_tokens"])
     bf16 = D.autocast_dtype("auto", device)
     sample_kw = dict(temperature=1.0, top_k=100 if cfg.vocab_size > 100 else None, n_tokens=n_tok)
-    variants = decoders(gpt, cond, device, bf16)
+    variants = decoders(gpt, cond, device, bf16, n_tok)
     check.update(check_fast_paths(gpt, cond, spec["check_tokens"], variants))
     bandwidth = C.measure_bandwidth(device)
     rows = []
@@ -338,7 +347,9 @@ NOTES = [
     "bf16; 'packed': the default now, weights prepacked for oneDNN (models/packed.py; bf16 only where oneDNN "
     "packs bf16 on this CPU); 'static step': fixed-shape KV cache (GPT.step_static); on CUDA the 'cuda-graph' "
     "rows replay the static step as a CUDA graph and bf16 autocast is what the pipeline uses; 'sjd window k': "
-    "speculative Jacobi decoding with k drafts per forward, packed weights.",
+    "speculative Jacobi decoding with k drafts per forward, packed weights; 'zipar window k': row-parallel "
+    "decoding (a row starts once the row above has k tokens; an approximation of the distribution, so not in "
+    "the greedy check: its fidelity is measured with evaluate.py), packed weights.",
     "forwards / batch: sequential forward passes per batch of grids (the one-token decoders: one per token; "
     "SJD: median over the timed runs). They do not drift with the machine. On random weights SJD accepts "
     "few drafts: the distributions barely depend on the context, but the top-k set does, so drafts keep "

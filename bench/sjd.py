@@ -1,7 +1,9 @@
-"""Speculative Jacobi decoding against one-token decoding on a GPT, interleaved, medians: forward passes per
-grid (they do not drift with the machine) and wall time, for each window.
+"""Speculative Jacobi decoding (or, with --parallel zipar, row-parallel decoding) against one-token decoding
+on a GPT, interleaved, medians: forward passes per grid (they do not drift with the machine) and wall time,
+for each window.
 
     python bench/sjd.py --gpt pretrained/shapes/gpt.safetensors --batch 16 --windows 4 8 16 --threads 1
+    python bench/sjd.py --parallel zipar --batch 64 --windows 2 4 6 --threads 2
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpt", default=str(C.REPO / "pretrained" / "shapes" / "gpt.safetensors"))
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--parallel", choices=["sjd", "zipar"], default="sjd")
     p.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--cfg-scale", type=float, default=1.0)
@@ -39,7 +42,7 @@ def main(argv=None) -> dict:
 
     def sjd(w):
         def call():
-            gpt.sample(cond, top_k=args.top_k, cfg_scale=args.cfg_scale, parallel="sjd", window=w,
+            gpt.sample(cond, top_k=args.top_k, cfg_scale=args.cfg_scale, parallel=args.parallel, window=w,
                        generator=torch.Generator().manual_seed(len(forwards[w])))
             forwards[w].append(gpt.last_forwards)
         return call
@@ -48,7 +51,7 @@ def main(argv=None) -> dict:
         times = C.timeit_interleaved([plain] + [sjd(w) for w in args.windows], torch.device("cpu"), repeats=args.runs)
     rows = {"plain": {"forwards": gpt.cfg.n_tokens, "ms": times[0]["median_s"] * 1000, "x": 1.0}}
     for w, t in zip(args.windows, times[1:]):
-        rows[f"sjd {w}"] = {"forwards": statistics.median(forwards[w]), "ms": t["median_s"] * 1000,
+        rows[f"{args.parallel} {w}"] = {"forwards": statistics.median(forwards[w]), "ms": t["median_s"] * 1000,
                             "x": C.round_ratio(times[0]["times_s"], t["times_s"])}
     print(f"{Path(args.gpt).name}: {args.batch} grids of {gpt.cfg.n_tokens} tokens, top-k {args.top_k}, guidance "
           f"{args.cfg_scale:g}, {args.threads} thread(s), {C.cpu_model()}, medians of {args.runs} interleaved rounds")

@@ -433,14 +433,17 @@ def add_flow_args(parser):
 
 
 def add_parallel_args(parser):
-    """--parallel and --sjd-window (demo.py, evaluate.py): how a GPT decodes."""
+    """--parallel, --sjd-window and --zipar-window (demo.py, evaluate.py): how a GPT decodes."""
     from engine.cli import at_least
 
     g = parser.add_argument_group("GPT decoding")
-    g.add_argument("--parallel", choices=["sjd"], default=None,
-                   help="sjd: speculative Jacobi decoding, several tokens per forward, the same distribution "
-                        "(default: one token per forward)")
+    g.add_argument("--parallel", choices=["sjd", "zipar"], default=None,
+                   help="sjd: speculative Jacobi decoding, several tokens per forward, the same distribution; "
+                        "zipar: row-parallel decoding, a row starts once the row above has --zipar-window "
+                        "tokens, fewer forwards still, an approximation (default: one token per forward)")
     g.add_argument("--sjd-window", type=at_least(1), default=8, help="draft tokens verified per forward (sjd)")
+    g.add_argument("--zipar-window", type=at_least(1), default=None,
+                   help="tokens of a row drawn before the row below starts (zipar; default: half a row)")
     g.add_argument("--decode-step", choices=["eager", "static", "cuda-graph"], default="eager",
                    help="how one-token steps run: eager; static (fixed-shape KV cache); cuda-graph (the static "
                         "step captured once and replayed, CUDA only); the same tokens for a seed")
@@ -448,7 +451,7 @@ def add_parallel_args(parser):
 
 
 def apply_parallel_args(pipe, args) -> None:
-    """args.parallel/sjd_window/decode_step onto a TextToImage; UsageError for what cannot be combined."""
+    """args.parallel/sjd_window/zipar_window/decode_step onto a TextToImage; UsageError for what cannot be combined."""
     parallel, step = getattr(args, "parallel", None), getattr(args, "decode_step", "eager")
     if parallel is None and step == "eager":
         return
@@ -459,7 +462,8 @@ def apply_parallel_args(pipe, args) -> None:
         check_decoding(parallel, step, pipe.device)          # before any sampling, with GPT.sample's words
     except ValueError as e:
         raise UsageError(f"--parallel / --decode-step: {e}") from None
-    pipe.parallel, pipe.window, pipe.step = parallel, args.sjd_window, step
+    window = args.sjd_window if parallel != "zipar" else getattr(args, "zipar_window", None)
+    pipe.parallel, pipe.window, pipe.step = parallel, window, step
 
 
 def apply_flow_args(prior, args) -> str | None:

@@ -95,10 +95,12 @@ class TextToImage:
             self.gpt.codebook = vqgan_codebook(self.vqgan).to(self.device)
         self._gpt_dtype = next(self.gpt.parameters()).dtype
         self.refine_threads: int | None = None  # CPU threads for refinement (None: as set); demo.py sets it
-        # The GPT's decoder: None (one token per forward) or "sjd" (speculative Jacobi decoding, `window`
-        # drafts verified per forward: the same distribution in fewer forwards; models/gpt.py sample_sjd).
+        # The GPT's decoder: None (one token per forward), "sjd" (speculative Jacobi decoding, `window`
+        # drafts verified per forward: the same distribution in fewer forwards; models/gpt.py sample_sjd)
+        # or "zipar" (row-parallel: a row starts once the row above has `window` tokens; sample_zipar).
+        # window None: the decoder's default (models.gpt.decoding_window).
         self.parallel: str | None = None
-        self.window = 8
+        self.window: int | None = None
         self.step = "eager"  # one-token steps: "eager", "static" or "cuda-graph" (GPT.sample's step)
 
     @classmethod

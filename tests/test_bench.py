@@ -1,6 +1,7 @@
 """Smoke tests of bench/ with --quick sizes: every benchmark runs, writes valid JSON with the expected keys,
 and the naive reference sampler draws exactly the project sampler's tokens under greedy decoding."""
 import json
+import math
 import subprocess
 import sys
 
@@ -52,15 +53,22 @@ def test_run_all_quick_writes_json_and_markdown(quick_results):
 def test_sampling_rows_compare_like_with_like(quick_results):
     rows = quick_results[0]["benchmarks"]["sampling"]["rows"]
     assert all(r["greedy_identical_cfg1"] and r["greedy_identical_cfg2"] for r in rows)
-    assert {r["sampler"] for r in rows} == {"naive (no cache)", S.BEFORE_FP32, S.BEFORE_BF16,
-                                            "one token, packed (default)", "one token, packed, static step",
-                                            "sjd window 4", "sjd window 8"} | (
-        {"one token, packed, bf16 weights"} if S.packed.supported(torch.bfloat16) else set())
+    for case in {r["model"] for r in rows}:
+        n = next(r["tokens"] for r in rows if r["model"] == case)
+        assert {r["sampler"] for r in rows if r["model"] == case} == {
+            "naive (no cache)", S.BEFORE_FP32, S.BEFORE_BF16, "one token, packed (default)",
+            "one token, packed, static step", "sjd window 4", "sjd window 8"} | (
+            {"one token, packed, bf16 weights"} if S.packed.supported(torch.bfloat16) else set()) | {
+            f"zipar window {w}" for w in S.zipar_windows(n)}, case
     assert all(r["fast_paths_greedy_identical"] for r in rows)
     assert all(r["tokens_per_s"] > 0 for r in rows)
     for r in rows:
-        n = r["tokens"]
-        assert r["forwards"] == n if not r["sampler"].startswith("sjd") else 1 <= r["forwards"] <= n, r
+        n, side = r["tokens"], math.isqrt(r["tokens"])
+        if r["sampler"].startswith("zipar"):       # the wavefront's forwards: (rows - 1) * window + width
+            w = int(r["sampler"].split()[-1])
+            assert r["forwards"] == (n // side - 1) * w + side < n, r
+        else:
+            assert r["forwards"] == n if not r["sampler"].startswith("sjd") else 1 <= r["forwards"] <= n, r
 
 
 @pytest.mark.slow  # ~60 s: the GPU script's three stages at the quick sizes, on the CPU

@@ -441,6 +441,31 @@ def test_static_decode_step_draws_the_same_images_and_reports_progress(ck, capsy
     assert a.read_bytes() == b.read_bytes()
 
 
+def test_zipar_flag_decodes_rows_in_parallel_and_a_whole_row_window_is_plain(ck, capsys, tmp_path, monkeypatch):
+    """demo.py --parallel zipar: the GPT decodes by rows (fewer forwards, progress climbing to the end); with
+    --zipar-window the width of a row it is one-token decoding, so the picture is the default's."""
+    from models.gpt import GPT
+
+    calls = []
+    real = GPT.sample_zipar
+    monkeypatch.setattr(GPT, "sample_zipar", lambda self, *a, **k: calls.append(a[-1]) or real(self, *a, **k))
+    side = TINY_VQGAN.grid_size
+    pipe = TextToImage.from_folder(ck / "weights", device="cpu")
+    pipe.parallel, pipe.window = "zipar", 1
+    seen = []
+    pipe.sample(pipe.clip.encode_text([PROMPT])[0], 2, batch_size=2, seed=3, progress=seen.append)
+    assert pipe.gpt.last_forwards == 2 * side - 1 < side * side
+    assert seen == sorted(seen) and seen[-1] == 2.0 and len(seen) == 2 * side
+    outs = [tmp_path / f"{i}.png" for i in range(3)]
+    for out, extra in zip(outs, ([], ["--parallel", "zipar", "--zipar-window", str(side)],
+                                 ["--parallel", "zipar", "--zipar-window", "1"])):
+        code, _, err = in_process(capsys, "--text", PROMPT, "--models", ck / "weights", "--cand-size", "2",
+                                  "--out-k", "1", "--out", out, "--quiet", "--seed", "5", *extra)
+        assert code == 0, err
+    assert calls == [1, side, 1]
+    assert outs[0].read_bytes() == outs[1].read_bytes() != outs[2].read_bytes()
+
+
 def test_models_folder_is_used_and_single_flags_replace_its_files(ck, tmp_path, capsys):
     """--models DIR takes its three files (here the tiny exports), gives the same pictures as naming the
     three files, lets --gpt replace one of them, and names a missing file of the folder in one line."""

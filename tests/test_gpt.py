@@ -420,10 +420,107 @@ def test_sjd_greedy_equals_greedy_and_refuses_what_it_cannot_do():
             assert torch.equal(model.sample(cond, top_k=1, cfg_scale=scale, parallel="sjd", window=window), want)
     with pytest.raises(ValueError, match="window"):
         model.sample(cond, parallel="sjd", window=0)
-    with pytest.raises(ValueError, match="'sjd'"):
-        model.sample(cond, parallel="zipar")
+    with pytest.raises(ValueError, match="'sjd', 'zipar'"):
+        model.sample(cond, parallel="medusa")
     with pytest.raises(ValueError, match="first_tokens"):
         model.sample(cond, parallel="sjd", first_tokens=torch.zeros(5, 2, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- row-parallel decoding (ZipAR)
+
+def _zipar_reference(model, cond, width, window):
+    """Greedy row-parallel decoding from its definition, for a one-layer GPT (whose cached keys and values
+    depend on each token and its position alone, so recomputing them from scratch is exact): at wavefront
+    step t every row r with c = t - r * window in [0, width) draws token r * width + c from the tokens before
+    it in raster order that were drawn at earlier steps; when a row starts, the row above's slots not drawn
+    yet hold stand-ins until their tokens are drawn: the column's token in the nearest row above that has
+    it, else that row's first token."""
+    assert model.cfg.n_layer == 1
+    n, P = model.cfg.n_tokens, model.cfg.n_prefix
+    rows, B = n // width, cond.shape[0]
+    out = torch.zeros(B, n, dtype=torch.long)
+    drawn_at, stand = {}, {}
+    blk = model.blocks[0]
+    H, C = model.cfg.n_head, model.cfg.n_embd
+    for t in range((rows - 1) * window + width):
+        new = {}
+        for r in range(1, rows):
+            if r * window == t:                 # row r starts: stand-ins for the row above's undrawn tokens
+                for j in range(width):
+                    if (r - 1) * width + j not in drawn_at:
+                        above = [a for a in range(r - 2, -1, -1) if a * width + j in drawn_at]
+                        stand[(r - 1) * width + j] = (above[0] if above else r - 1) * width + (j if above else 0)
+        for r in range(rows):
+            c = t - r * window
+            if not 0 <= c < width:
+                continue
+            p = r * width + c
+            seq, seen = torch.zeros(B, n - 1, dtype=torch.long), torch.zeros(P + n - 1, dtype=torch.bool)
+            seen[:P] = True
+            for j in range(p):
+                if j in drawn_at or j in stand:
+                    seq[:, j], seen[P + j] = out[:, j if j in drawn_at else stand[j]], True
+            x = torch.cat([model.prefix(cond), model.tok_emb(seq)], 1) + model.pos_emb[:, :P + n - 1]
+            q_at = P + p - 1
+            qkv = blk.attn.qkv(blk.ln_1(x)).view(B, -1, 3, H, C // H)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+            att = (q[:, :, q_at:q_at + 1] @ k.transpose(-2, -1)) / (C // H) ** 0.5
+            mask = seen.clone()
+            mask[q_at + 1:] = False
+            y = att.masked_fill(~mask, float("-inf")).softmax(-1) @ v                    # (B, H, 1, hd)
+            h = x[:, q_at] + blk.attn.proj(y.transpose(1, 2).reshape(B, C))
+            h = h + blk.mlp(blk.ln_2(h))
+            new[p] = model.head(model.ln_f(h)).argmax(-1)
+        for p, tok in new.items():
+            out[:, p], drawn_at[p] = tok, t
+    return out
+
+
+def test_zipar_draws_each_token_from_what_the_wavefront_has_drawn():
+    """Against the definition (a one-layer GPT recomputed from scratch per token), greedy: windows 1, 2, 3
+    on 4 x 4 and 2 x 8 grids; the forwards are (rows - 1) * window + width."""
+    from models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    for n, width in ((16, 4), (16, 8)):
+        model = GPT(GPTConfig(vocab_size=8, n_tokens=n, cond_dim=8, n_layer=1, n_head=2, n_embd=32)).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(8.0)
+        cond = F.normalize(torch.randn(6, 8), dim=-1)
+        for window in (1, 2, 3):
+            got = model.sample_zipar(cond, top_k=1, window=window, width=width)
+            assert model.last_forwards == (n // width - 1) * window + width
+            with torch.no_grad():
+                want = _zipar_reference(model, cond, width, window)
+            assert torch.equal(got, want), (n, width, window)
+    # and it is not plain decoding: the test would pass a sampler that ignored the window
+    assert not torch.equal(model.sample_zipar(cond, top_k=1, window=1, width=width), model.sample(cond, top_k=1))
+
+
+def test_zipar_with_a_whole_row_window_is_one_token_decoding():
+    """window >= the row: every row waits for the one above, so the tokens are one-token decoding's for the
+    same seed (guidance, top-k, top-p, temperature); seeded runs repeat; bad arguments end in one line."""
+    model = _peaked_gpt(vocab=32, n_tokens=16)
+    cond = F.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    for kw in ({}, {"cfg_scale": 2.0, "top_k": 5}, {"temperature": 0.7, "top_p": 0.9}):
+        want = model.sample(cond, generator=torch.Generator().manual_seed(4), **kw)
+        for window in (4, 9):
+            got = model.sample(cond, generator=torch.Generator().manual_seed(4), parallel="zipar", window=window,
+                               **kw)
+            assert torch.equal(got, want), (kw, window)
+            assert model.last_forwards == 16
+        a, b = (model.sample(cond, generator=torch.Generator().manual_seed(5), parallel="zipar", window=2, **kw)
+                for _ in range(2))
+        assert torch.equal(a, b) and model.last_forwards == 3 * 2 + 4
+    assert model.sample(cond, parallel="zipar").shape == (5, 16) and model.last_forwards == 3 * 2 + 4  # half a row
+    with pytest.raises(ValueError, match="window"):
+        model.sample(cond, parallel="zipar", window=0)
+    with pytest.raises(ValueError, match="not rows of 5"):
+        model.sample_zipar(cond, width=5)
+    with pytest.raises(ValueError, match="first_tokens"):
+        model.sample(cond, parallel="zipar", first_tokens=torch.zeros(5, 2, dtype=torch.long))
 
 
 def test_inverse_cdf_draws_in_proportion_and_never_a_zero_weight():

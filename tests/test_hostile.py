@@ -207,6 +207,9 @@ def bad_inputs(f):
         ("demo sjd with a static step", demo + ["--parallel", "sjd", "--decode-step", "static"], "one-token steps"),
         ("demo decode step compiled", demo + ["--decode-step", "compiled"], "--decode-step"),
         ("demo sjd window 0", demo + ["--parallel", "sjd", "--sjd-window", "0"], "--sjd-window"),
+        ("demo zipar window 0", demo + ["--parallel", "zipar", "--zipar-window", "0"], "--zipar-window"),
+        ("demo zipar with a static step", demo + ["--parallel", "zipar", "--decode-step", "static"],
+         "one-token steps"),
         ("evaluate flow steps on a gpt", ev + ["--flow-steps", "3"], "is for the flow prior"),
         ("evaluate flow steps -1", ev + ["--flow-steps", "-1"], "--flow-steps"),
     ]
