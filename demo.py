@@ -122,7 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "too small to share out; torch's default for larger ones)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="CUDA: bf16 autocast (auto = bf16); CPU: bf16 stores the GPT's weights in bf16, "
-                        "faster for large GPTs on CPUs with bf16 instructions (AMX), slower elsewhere (auto = fp32, "
+                        "faster for large GPTs on CPUs with bf16 instructions (AVX512-BF16, AMX), slower elsewhere "
+                        "(auto = bf16 for GPTs of 10M parameters or more where oneDNN packs bf16, else fp32, "
                         "prepacked); MPS: fp32")
     add_flow_args(p)
     add_parallel_args(p)

@@ -37,6 +37,7 @@ from engine.images import decode_rgb
 from models.clip import CLIP, load_clip
 from models.convert import load_vqgan
 from models.flow import FlowPrior, check_codebook, load_prior, vqgan_codebook
+from models import packed
 from models.gpt import GPT, GPTConfig
 from models.refine import RefineConfig, refine as refine_tokens
 from models.vqgan import VQGAN
@@ -85,11 +86,11 @@ class TextToImage:
         check_codebook(gpt, vqgan)
         amp = D.autocast_dtype(precision, self.device) if self.device.type == "cuda" else None
         self._amp = amp
-        if precision == "bf16" and self.device.type == "cpu":
+        if self.device.type == "cpu" and (precision == "bf16" or precision == "auto" and bf16_weights_pay(gpt)):
             # On a CPU a decode step is bound by reading the weights: storing the GPT in bf16 halves that
             # where the CPU computes in bf16 (a Xeon with AMX: 1.9x fp32 F.linear for an 8x512 GPT), where
-            # autocast would re-cast fp32 weights every step. Not the default: on CPUs without bf16
-            # instructions it is slower than fp32, and fp32 weights are prepacked (bench/sampling.py).
+            # autocast would re-cast fp32 weights every step. The default only where it pays (see
+            # bf16_weights_pay): on CPUs without bf16 instructions it is slower than fp32.
             self.gpt = self.gpt.to(torch.bfloat16)
         if isinstance(self.gpt, FlowPrior):  # snap to exactly the codes the VQGAN decodes, in fp32
             self.gpt.codebook = vqgan_codebook(self.vqgan).to(self.device)
@@ -271,6 +272,20 @@ def _threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+BF16_WEIGHTS_MIN_PARAMS = 10_000_000  # precision "auto" on a CPU: bf16 GPT weights from this size on
+
+
+def bf16_weights_pay(gpt) -> bool:
+    """Whether precision "auto" stores a GPT's weights in bf16 on the CPU: where oneDNN packs bf16 weights
+    (AVX512-BF16 or AMX; models.packed.supported) and the GPT is large enough that reading its weights
+    bounds a decode step (BF16_WEIGHTS_MIN_PARAMS). Measured on a 2-core Xeon with AVX512-BF16 and no AMX
+    (bench/sampling.py): the 8 x 512 GPT (42M) samples 1.31x faster than with fp32 weights; the shipped
+    Shapes GPT (3.5M) stays fp32, as its demo and evaluation gain next to nothing (README, "demo.py speed")
+    and keep drawing the tokens the README's numbers were measured with. Never the flow prior."""
+    return isinstance(gpt, GPT) and packed.supported(torch.bfloat16) and \
+        sum(p.numel() for p in gpt.parameters()) >= BF16_WEIGHTS_MIN_PARAMS
 
 
 @contextmanager

@@ -105,9 +105,28 @@ def test_export_refuses_what_is_not_a_checkpoint(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_auto_stores_large_gpts_in_bf16_where_the_cpu_packs_bf16(monkeypatch):
+    """precision auto on a CPU: bf16 weights for a GPT of 10M parameters or more where oneDNN packs bf16;
+    fp32 for smaller GPTs, on CPUs that do not pack bf16, and for the flow prior."""
+    from models import packed
+    from models.flow import FlowConfig, FlowPrior
+    from models.gpt import GPT, GPTConfig
+    from models.pipeline import bf16_weights_pay
+
+    big = GPT(GPTConfig(vocab_size=16384, n_tokens=16, n_layer=2, n_head=8, n_embd=512, cond_dim=512))
+    small = GPT(GPTConfig(vocab_size=1024, n_tokens=16, n_layer=2, n_head=8, n_embd=256, cond_dim=512))
+    assert sum(p.numel() for p in big.parameters()) >= 10_000_000 > sum(p.numel() for p in small.parameters())
+    for packs in (True, False):
+        monkeypatch.setattr(packed, "supported", lambda dtype, packs=packs: packs)
+        assert bf16_weights_pay(big) is packs and not bf16_weights_pay(small)
+    monkeypatch.setattr(packed, "supported", lambda dtype: True)
+    flow = FlowPrior(FlowConfig(n_tokens=16, latent_dim=4, cond_dim=8, n_layer=4, n_embd=512))
+    assert sum(p.numel() for p in flow.parameters()) >= 10_000_000 and not bf16_weights_pay(flow)
+
+
 def test_bf16_on_cpu_stores_the_gpt_in_bf16_and_auto_keeps_fp32(paths):
     """--precision bf16 on a CPU: the GPT's weights in bf16 (decode steps read half the bytes); the default
-    stays fp32. Both sample valid, reproducible images."""
+    stays fp32 for a GPT this small. Both sample valid, reproducible images."""
     fp32 = TextToImage.from_paths(paths["vqgan"], paths["gpt"], paths["clip"], device="cpu")
     bf16 = TextToImage.from_paths(paths["vqgan"], paths["gpt"], paths["clip"], device="cpu", precision="bf16")
     assert next(fp32.gpt.parameters()).dtype == torch.float32
