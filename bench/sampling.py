@@ -318,6 +318,8 @@ def run_case(name: str, quick: bool, device: torch.device) -> list[dict]:
                    "min_speedup_vs_naive": min(n / t for n, t in zip(naive_times, ts)),
                    "measured": f"all {n_tok} steps, median of {reps} after 1 warm-up", "bandwidth_gbs": bandwidth,
                    **{f"x_{k}": C.round_ratio(b, ts) for k, b in before.items()}, **check}
+            if v["kw"].get("parallel") == "zipar":     # not in the greedy check: it draws another distribution
+                row["fast_paths_greedy_identical"] = None
             if "parallel" not in v["kw"]:
                 # Memory-bandwidth floor of a decode step: weights (fp32 unless stored in bf16) and the KV
                 # cache (in the dtype attention runs in) read once per step, over the measured copy bandwidth.

@@ -60,7 +60,7 @@ def test_sampling_rows_compare_like_with_like(quick_results):
             "one token, packed, static step", "sjd window 4", "sjd window 8"} | (
             {"one token, packed, bf16 weights"} if S.packed.supported(torch.bfloat16) else set()) | {
             f"zipar window {w}" for w in S.zipar_windows(n)}, case
-    assert all(r["fast_paths_greedy_identical"] for r in rows)
+    assert all(r["fast_paths_greedy_identical"] is (None if r["sampler"].startswith("zipar") else True) for r in rows)
     assert all(r["tokens_per_s"] > 0 for r in rows)
     for r in rows:
         n, side = r["tokens"], math.isqrt(r["tokens"])
