@@ -364,10 +364,7 @@ class GPT(nn.Module):
         feed = out[:, :0] if first_tokens is None else first_tokens.to(device)
         out[:, :feed.shape[1]] = feed
         guided = cfg_scale != 1.0
-        cond_drop = None
-        if guided:  # rows [0, B): conditional, [B, 2B): null
-            cond = torch.cat([cond, cond])
-            cond_drop = torch.arange(2 * B, device=device) >= B
+        cond, cond_drop = guidance_rows(cond, cfg_scale)
         # The last token is drawn, never fed: n_prefix + n_tokens - 1 positions.
         cache = self.new_kv_cache(cond.shape[0], self.cfg.n_prefix + n_tokens - 1)
         was_training = self.training
@@ -383,10 +380,7 @@ class GPT(nn.Module):
                         stepper = self.static_stepper(cache, graph=step == "cuda-graph")
                 else:
                     logits = stepper(rows_in)
-                logits = logits.float()                                    # (rows, vocab)
-                if guided:
-                    c, u = logits.chunk(2)
-                    logits = u + cfg_scale * (c - u)                        # (B, vocab)
+                logits = guide(logits, cfg_scale)                          # (B, vocab)
                 feed = draw(logits / temperature, top_k, top_p, generator)  # (B, 1)
                 out[:, i] = feed[:, 0]
         finally:
@@ -418,10 +412,7 @@ class GPT(nn.Module):
         B, device, V, P = cond.shape[0], cond.device, self.cfg.vocab_size, self.cfg.n_prefix
         K = min(top_k, V) if top_k is not None else V
         guided = cfg_scale != 1.0
-        cond_drop = None
-        if guided:
-            cond = torch.cat([cond, cond])
-            cond_drop = torch.arange(2 * B, device=device) >= B
+        cond, cond_drop = guidance_rows(cond, cfg_scale)
         cache = self.new_kv_cache(cond.shape[0], P + N - 1)
         out = torch.randint(0, V, (B, N), device=device, generator=generator)    # drafts, then final tokens
         qx = torch.full((B, N), 1.0 / V, device=device)        # each draft's probability under its q
@@ -443,11 +434,9 @@ class GPT(nn.Module):
                 self.tokens_final = c                       # what progress observers report (pipeline.py)
                 feed = out[:, :w] if c == 0 else out[:, c - 1:c + w]
                 logits = self(feed.repeat(2, 1) if guided else feed, cond if c == 0 else None,
-                              cond_drop if c == 0 else None, kv_cache=cache)[:, -(w + 1):].float()
+                              cond_drop if c == 0 else None, kv_cache=cache)[:, -(w + 1):]
                 forwards += 1
-                if guided:
-                    cl, ul = logits.chunk(2)
-                    logits = ul + cfg_scale * (cl - ul)
+                logits = guide(logits, cfg_scale)
                 p_prob, p_idx = support(logits / temperature, top_k, top_p)      # (B, w + 1, K) each
                 pos = c + steps[:w + 1]                                          # (w + 1,)
                 # Accept each draft with probability min(1, p(x) / q(x)) (u in [0, 1), so p(x) = 0 never
@@ -523,10 +512,7 @@ class GPT(nn.Module):
         H, w, P = N // W, min(window, W), self.cfg.n_prefix
         B, device = cond.shape[0], cond.device
         guided = cfg_scale != 1.0
-        cond_drop = None
-        if guided:
-            cond = torch.cat([cond, cond])
-            cond_drop = torch.arange(2 * B, device=device) >= B
+        cond, cond_drop = guidance_rows(cond, cfg_scale)
         rows = cond.shape[0]
         out = torch.empty(B, N, dtype=torch.long, device=device)
         last = P + N - 1                                  # cache slots: the prefix, then tokens 0..N-2
@@ -536,10 +522,7 @@ class GPT(nn.Module):
         self.prepare_decoding(rows * (-(-W // w) + 2))
 
         def pick(logits: torch.Tensor) -> torch.Tensor:   # (rows, T, vocab) -> (B, T) tokens
-            logits = logits.float()
-            if guided:
-                c, u = logits.chunk(2)
-                logits = u + cfg_scale * (c - u)
+            logits = guide(logits, cfg_scale)
             T = logits.shape[1]
             return draw(logits.flatten(0, 1) / temperature, top_k, top_p, generator).view(B, T)
 
@@ -559,8 +542,7 @@ class GPT(nn.Module):
             static = StaticKVCache(cache)
             slot_ids = static.slots
             written = slot_ids < P                          # the prefix's slots
-            real = torch.zeros(last, dtype=torch.bool)      # slots holding their real token (not a stand-in)
-            real[:P] = True
+            real = [s < P for s in range(last)]             # slots holding their real token (not a stand-in)
             drawn, forwards = 1, 1
             for t in range(1, (H - 1) * w + W):
                 feed: dict[int, int] = {}                   # slot -> token index fed there
@@ -691,6 +673,25 @@ def draw(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = N
     return idx.gather(-1, torch.multinomial(prob, 1, generator=generator))
 
 
+def guidance_rows(cond: torch.Tensor, cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows a sampler runs for guidance: cond (B, D) itself when cfg_scale == 1, else 2B rows, [0, B)
+    conditional and [B, 2B) null, with the cond_drop mask (2B,) that says which (None when unguided)."""
+    if cfg_scale == 1.0:
+        return cond, None
+    B = cond.shape[0]
+    return torch.cat([cond, cond]), torch.arange(2 * B, device=cond.device) >= B
+
+
+def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Logits of the rows guidance_rows made -> the guided logits of the B grids: null + cfg_scale *
+    (conditional - null), in fp32 (the logits themselves when cfg_scale == 1)."""
+    logits = logits.float()
+    if cfg_scale == 1.0:
+        return logits
+    c, u = logits.chunk(2)
+    return u + cfg_scale * (c - u)
+
+
 def decoding_window(parallel: str, window: int | None, n_tokens: int) -> int:
     """The window GPT.sample uses for `parallel` when given `window` (None: the decoder's default, 8 drafts
     for sjd, half a row of a square grid for zipar)."""
@@ -764,4 +765,4 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 
 __all__ = ["GPTConfig", "GuidanceError", "ORIGINS", "PARALLEL", "PRESETS", "STEPS", "build_gpt", "GPT", "KVCache",
-           "StaticKVCache", "check_decoding", "decoding_window", "draw", "filter_logits", "inverse_cdf", "support"]
+           "StaticKVCache", "check_decoding", "decoding_window", "draw", "guidance_rows", "guide", "filter_logits", "inverse_cdf", "support"]
